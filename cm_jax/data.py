@@ -1,0 +1,546 @@
+"""Input pipeline: image datasets held in host memory, served in a step-indexed order.
+
+Training data for the image generators (CIFAR-10 now, ImageNet-64 later). Every batch comes
+out as float32 images in [-1, 1] (NHWC) and int32 labels.
+
+The module reads top to bottom:
+
+1. Pixel conversion: `normalize` / `to_uint8`, shared with sampling and FID code.
+2. `ImageDataset` and `load_split`: a whole split read into memory from local npz shards
+   (`config.data.dir`) or, when that is empty, from tfds. Every layout problem raises one
+   error that names it, before training starts.
+3. The order: `batch_indices`, `flip_mask` and `host_batch` are pure functions of
+   (seed, step, batch size, dataset size). The batch for step `s` never depends on how many
+   batches were drawn before, so a run resumed at step `s` after pre-emption sees exactly
+   the data an uninterrupted run would have seen.
+4. `TrainIterator`: builds those batches in a background thread, one process's rows at a
+   time, and assembles them into global `jax.Array`s with the caller's sharding.
+
+TensorFlow and tensorflow_datasets are imported only on the tfds path: training from npz
+shards needs neither (the GPU machines do not have them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import os
+import queue
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------------------
+# Pixel conversion
+# ----------------------------------------------------------------------------------------
+
+
+def _array_module(x):
+    """jax.numpy for jax arrays (including tracers inside jit), numpy for everything else."""
+    return jnp if isinstance(x, jax.Array) else np
+
+
+def normalize(images_uint8):
+    """uint8 pixels 0..255 -> float32 in [-1, 1], the range the models are trained on."""
+    if _array_module(images_uint8) is jnp:
+        return jnp.asarray(images_uint8).astype(jnp.float32) / 127.5 - 1.0
+    # The same arithmetic in one allocation: the input thread runs this on every batch.
+    images = np.divide(images_uint8, np.float32(127.5), dtype=np.float32)
+    images -= 1.0
+    return images
+
+
+def to_uint8(images_float):
+    """Inverse of `normalize`: round to the nearest level and clip, for image grids and FID.
+
+    Model samples overshoot [-1, 1] a little; clipping keeps them valid pixels instead of
+    letting the uint8 cast wrap around.
+    """
+    xp = _array_module(images_float)
+    pixels = xp.round((xp.asarray(images_float) + 1.0) * 127.5)
+    return xp.clip(pixels, 0, 255).astype(xp.uint8)
+
+
+# ----------------------------------------------------------------------------------------
+# The dataset in memory
+# ----------------------------------------------------------------------------------------
+
+
+def _check_arrays(images: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Raise one ValueError naming the first problem with an (images, labels) pair."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"{source}: images must be uint8 (0..255), got dtype {images.dtype}")
+    if images.ndim != 4:
+        raise ValueError(
+            f"{source}: images must be 4-D [N, H, W, C] (NHWC), got shape {images.shape}"
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{source}: labels must be a 1-D integer array, got shape {labels.shape} "
+            f"and dtype {labels.dtype}"
+        )
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{source}: length mismatch: {len(images)} images but {len(labels)} labels"
+        )
+
+
+def _check_image_shape(image_shape: tuple, image_size: int, num_channels: int, source: str):
+    """Raise if images are not [image_size, image_size, num_channels] as the config says."""
+    height, width, channels = image_shape
+    if (height, width) != (image_size, image_size):
+        raise ValueError(
+            f"{source}: image size is {height}x{width}, but config.data.image_size is "
+            f"{image_size}"
+        )
+    if channels != num_channels:
+        raise ValueError(
+            f"{source}: images have {channels} channels, but config.data.num_channels is "
+            f"{num_channels}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+    """A whole split in host memory: `images` uint8 [N, H, W, C], `labels` int32 [N].
+
+    The arrays are made read-only: batches are gathered copies, so nothing downstream
+    can corrupt the data the next batch is drawn from.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        images, labels = np.asarray(self.images), np.asarray(self.labels)
+        _check_arrays(images, labels, "ImageDataset")
+        images, labels = images.view(), labels.astype(np.int32)  # read-only views/copies,
+        images.flags.writeable = False  # leaving the caller's own arrays writable
+        labels.flags.writeable = False
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "labels", labels)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image."""
+        return tuple(self.images.shape[1:])
+
+
+def load_split(data_config) -> ImageDataset:
+    """Read the split `data_config.split` fully into memory and check it against the config.
+
+    `data_config` is `config.data`. With `dir` set, the split comes from npz shards in that
+    folder (see `_split_files`); with `dir` empty, from `tfds.load(dataset)`. The tfds path
+    materialises the whole split through TensorFlow, which suits CIFAR-sized data; larger
+    datasets (ImageNet-64) should be converted once to npz shards and read from `dir`.
+    Nothing on disk is written.
+    """
+    image_size, num_channels = int(data_config.image_size), int(data_config.num_channels)
+    if data_config.dir:
+        images, labels = _load_npz_split(
+            data_config.dir, data_config.split, image_size, num_channels
+        )
+        source = f"{data_config.dir} split {data_config.split!r}"
+    else:
+        images, labels = _load_tfds_split(
+            data_config.dataset, data_config.split, getattr(data_config, "tfds_data_dir", "")
+        )
+        source = f"tfds {data_config.dataset!r} split {data_config.split!r}"
+        _check_arrays(images, labels, source)
+    _check_image_shape(images.shape[1:], image_size, num_channels, source)
+    return ImageDataset(images=images, labels=labels)
+
+
+def _split_files(folder: str, split: str) -> list[str]:
+    """The npz files holding `split`, in the order their examples are concatenated.
+
+    A split is either sharded (`{split}-*.npz`, e.g. `train-00000-of-00005.npz`, read in
+    name order) or one file (`{split}.npz`, e.g. `test.npz`). Both at once would be read
+    twice over, so that is an error rather than a guess.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder {folder!r} (config.data.dir) does not exist")
+    shards = sorted(glob.glob(os.path.join(glob.escape(folder), f"{split}-*.npz")))
+    single = os.path.join(folder, f"{split}.npz")
+    if shards and os.path.isfile(single):
+        raise ValueError(
+            f"data folder {folder!r} holds both {split}.npz and {split}-*.npz shards for "
+            f"split {split!r}; keep one layout"
+        )
+    if shards:
+        return shards
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(
+        f"no shards for split {split!r} in data folder {folder!r}: expected {split}-*.npz "
+        f"or {split}.npz"
+    )
+
+
+def _load_npz_split(
+    folder: str, split: str, image_size: int, num_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the split's shards, checking each one and naming the file at fault.
+
+    Labels (small) are read first to size one output array, then each shard's images are
+    copied into it, so peak memory is the dataset plus one shard rather than twice the
+    dataset (this matters for ImageNet-64, about 16 GB as uint8).
+    """
+    files = _split_files(folder, split)
+    labels = [_read_npz_member(path, "labels") for path in files]
+    total = sum(np.size(shard_labels) for shard_labels in labels)  # checked per shard below
+    images = np.empty((total, image_size, image_size, num_channels), np.uint8)
+    start = 0
+    for path, shard_labels in zip(files, labels):
+        shard_images = _read_npz_member(path, "images")
+        _check_arrays(shard_images, shard_labels, path)
+        _check_image_shape(shard_images.shape[1:], image_size, num_channels, path)
+        images[start : start + len(shard_images)] = shard_images
+        start += len(shard_images)
+    return images, np.concatenate(labels)
+
+
+def _read_npz_member(path: str, key: str) -> np.ndarray:
+    """One array from an npz file, with an error naming the file if the key is missing."""
+    with np.load(path, allow_pickle=False) as npz:
+        if key not in npz.files:
+            raise ValueError(
+                f"{path}: npz file lacks the array {key!r} (it has {sorted(npz.files)}); "
+                "each shard needs 'images' and 'labels'"
+            )
+        return npz[key]
+
+
+_TFDS_READ_CHUNK = 10_000
+
+
+def _load_tfds_split(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a tfds split into numpy, in chunks of `_TFDS_READ_CHUNK` examples.
+
+    Reading in chunks instead of `batch_size=-1` keeps TensorFlow from building one
+    tensor of unknown size up front (`batch_size=-1` asks the dataset info for the split
+    size; with no such info, as under `tfds.testing.mock_data`, TensorFlow aborts).
+    """
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(
+            "config.data.dir is empty, so the data would come from tfds, but tensorflow / "
+            "tensorflow_datasets is not installed; set config.data.dir to a folder of npz "
+            "shards instead"
+        ) from error
+    _hide_accelerators_from_tensorflow(tf)
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    images, labels = [], []
+    for chunk in tfds.as_numpy(ds.batch(_TFDS_READ_CHUNK)):
+        images.append(chunk["image"])
+        labels.append(chunk["label"])
+    if not images:
+        raise ValueError(f"tfds {name!r} split {split!r} is empty")
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _hide_accelerators_from_tensorflow(tf) -> None:
+    """TensorFlow would otherwise reserve GPU memory that JAX needs; it only decodes here."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices; nothing to do.
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# The step-indexed order
+# ----------------------------------------------------------------------------------------
+
+# Mixed into the flip generator's seed so flips never share a random stream with the epoch
+# permutation of the same number (the permutation of epoch e is seeded with [seed, e]).
+_FLIP_STREAM = 0x666C6970  # "flip"
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of epoch `epoch`: a permutation of range(N) from rng([seed, epoch]).
+
+    Cached because consecutive steps reuse it (ImageNet's 1.28M-element permutation costs
+    tens of milliseconds). Read-only, so no caller can alter the cached copy.
+    """
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    permutation.flags.writeable = False
+    return permutation
+
+
+def batch_indices(step: int, global_batch_size: int, num_examples: int, seed: int) -> np.ndarray:
+    """Example indices of global batch `step`: stream positions [step*B, (step+1)*B).
+
+    The stream is epoch 0's permutation, then epoch 1's, and so on, so every epoch covers
+    each example exactly once; a batch may straddle an epoch boundary.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if num_examples <= 0:
+        raise ValueError(f"dataset is empty (num_examples={num_examples})")
+    positions = np.arange(step * global_batch_size, (step + 1) * global_batch_size)
+    epochs, offsets = np.divmod(positions, num_examples)
+    indices = np.empty(global_batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        in_epoch = epochs == epoch
+        indices[in_epoch] = _epoch_permutation(seed, int(epoch), num_examples)[offsets[in_epoch]]
+    return indices
+
+
+def flip_mask(step: int, global_batch_size: int, seed: int) -> np.ndarray:
+    """Which rows of global batch `step` are mirrored left-right: a fair coin per row."""
+    rng = np.random.default_rng([seed, step, _FLIP_STREAM])
+    return rng.random(global_batch_size) < 0.5
+
+
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of the global batch that process `process_index` produces: its 1/P block."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the process count "
+            f"{process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    rows_per_process = global_batch_size // process_count
+    return slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
+
+
+def host_batch(
+    dataset: ImageDataset,
+    step: int,
+    global_batch_size: int,
+    seed: int,
+    random_flip: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step`, as numpy: the iterator's whole host work.
+
+    Indices and flips are drawn for the full global batch and then sliced, so the rows of
+    processes 0..P-1 concatenate to exactly the single-process batch.
+    """
+    rows = process_rows(global_batch_size, process_index, process_count)
+    indices = batch_indices(step, global_batch_size, dataset.num_examples, seed)[rows]
+    images = dataset.images[indices]  # fancy indexing copies, so flipping in place is safe
+    if random_flip:
+        flips = flip_mask(step, global_batch_size, seed)[rows]
+        images[flips] = images[flips, :, ::-1]
+    return {"image": normalize(images), "label": dataset.labels[indices].astype(np.int32)}
+
+
+# ----------------------------------------------------------------------------------------
+# The iterator
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _ProducerFailed:
+    """Put on the queue by the background thread in place of a batch when it fails."""
+
+    error: BaseException
+
+
+class TrainIterator:
+    """Yields (step, batch) for step = start_step, start_step+1, ... ; batch = {'image':
+    jax.Array [B,H,W,C] float32 in [-1,1], 'label': jax.Array [B] int32} placed with
+    `sharding` (a jax.sharding.NamedSharding over the batch axis).
+
+    With `steps_per_call > 1`, `steps_per_call` consecutive steps are stacked for a
+    `lax.scan` training step: arrays are [steps_per_call, B, ...], `sharding` must be the
+    one for that stacked shape (batch axis 1), and the iterator yields
+    (first_step_of_group, stacked_batch), advancing by `steps_per_call`.
+
+    Batches are built (gather, flip, uint8 -> float, transfer) in a background thread that
+    runs at most `prefetch` items ahead. An exception in that thread is raised by the next
+    `next()`. Call `close()` or use the iterator as a context manager to stop the thread.
+
+    Each process produces only its own rows of every global batch
+    (`process_rows(B, jax.process_index(), jax.process_count())`); `sharding` must place
+    those rows on this process's devices, as a mesh built from `jax.devices()` in order
+    does.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        global_batch_size: int,
+        sharding,
+        start_step: int,
+        seed: int,
+        random_flip: bool,
+        prefetch: int = 2,
+        steps_per_call: int = 1,
+    ):
+        if global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+        self._dataset = dataset
+        self._global_batch_size = global_batch_size
+        self._seed = seed
+        self._random_flip = random_flip
+        self._steps_per_call = steps_per_call
+        self._process_index, self._process_count = jax.process_index(), jax.process_count()
+        rows = process_rows(global_batch_size, self._process_index, self._process_count)
+
+        stack = (steps_per_call,) if steps_per_call > 1 else ()
+        self._global_shapes = {
+            "image": stack + (global_batch_size,) + dataset.image_shape,
+            "label": stack + (global_batch_size,),
+        }
+        self._shardings = {
+            key: _sharding_for_rank(sharding, len(shape))
+            for key, shape in self._global_shapes.items()
+        }
+        _check_sharding_holds_rows(
+            self._shardings["label"], self._global_shapes["label"], len(stack), rows
+        )
+
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._produce, args=(start_step,), name="TrainIterator", daemon=True
+        )
+        self._thread.start()
+
+    # -- consumer side ---------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, jax.Array]]:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise StopIteration
+        item = self._take()
+        if isinstance(item, _ProducerFailed):
+            self._error = item.error
+            self.close()
+            raise item.error
+        return item
+
+    def _take(self):
+        """Wait for the next item, noticing a producer that died without leaving one."""
+        while True:
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    try:  # it may have put its last item just before the check
+                        return self._queue.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError("TrainIterator's producer thread stopped") from None
+
+    def close(self) -> None:
+        """Stop the background thread and drop the batches it had prepared. Idempotent."""
+        self._closed = True
+        self._stop.set()
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- producer side (background thread) -------------------------------------------
+
+    def _produce(self, start_step: int) -> None:
+        step = start_step
+        try:
+            while not self._stop.is_set():
+                if not self._put((step, self._device_batch(step))):
+                    return
+                step += self._steps_per_call
+        except BaseException as error:  # surfaced by the consumer's next()
+            self._put(_ProducerFailed(error))
+
+    def _put(self, item) -> bool:
+        """Queue `item`, giving up (False) if the iterator is closed while the queue is full."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _device_batch(self, first_step: int) -> dict[str, jax.Array]:
+        local = self._host_batch_group(first_step)
+        return {
+            key: jax.make_array_from_process_local_data(
+                self._shardings[key], value, self._global_shapes[key]
+            )
+            for key, value in local.items()
+        }
+
+    def _host_batch_group(self, first_step: int) -> dict[str, np.ndarray]:
+        """This process's rows for steps first_step .. first_step+steps_per_call-1."""
+        batches = [
+            host_batch(
+                self._dataset,
+                first_step + offset,
+                self._global_batch_size,
+                self._seed,
+                self._random_flip,
+                self._process_index,
+                self._process_count,
+            )
+            for offset in range(self._steps_per_call)
+        ]
+        if self._steps_per_call == 1:
+            return batches[0]
+        return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def _sharding_for_rank(sharding, rank: int):
+    """The image sharding reused for the lower-rank labels: drop spec entries past `rank`.
+
+    So a caller may pass P('data', None, None, None) as well as P('data').
+    """
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) > rank:
+        return jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[:rank])
+        )
+    return sharding
+
+
+def _check_sharding_holds_rows(sharding, global_shape: tuple, batch_axis: int, rows: slice):
+    """Raise unless this process's devices hold exactly the batch rows it produces.
+
+    `make_array_from_process_local_data` lays the local rows onto whatever part of the
+    batch this process's devices address; if that is not the block `host_batch` made, the
+    global batch would silently hold the wrong (or duplicated) examples.
+    """
+    size = global_shape[batch_axis]
+    held = [
+        index[batch_axis].indices(size)[:2]
+        for index in sharding.addressable_devices_indices_map(global_shape).values()
+    ]
+    first, last = min(start for start, _ in held), max(stop for _, stop in held)
+    if (first, last) != (rows.start, rows.stop):
+        raise ValueError(
+            f"the sharding puts batch rows [{first}, {last}) on this process's devices, but "
+            f"process {jax.process_index()} of {jax.process_count()} produces rows "
+            f"[{rows.start}, {rows.stop}); shard the batch axis (axis {batch_axis}) over a "
+            "mesh built from jax.devices() in order"
+        )
+

@@ -1,0 +1,112 @@
+"""Training objectives. Each builder returns a pure function
+
+    loss_fn(params, target_params, batch, rng, step) -> (loss, metrics)
+
+where batch = {'image': [B,H,W,C] in [−1, 1], 'label': [B]}, rng is this step's key and step
+the (possibly traced) optimizer step k that drives the curricula. Methods:
+
+- "edm": EDM denoising score matching, to train the diffusion teacher (Karras et al. 2022).
+- "ct":  consistency training (CM Algorithm 3) and its iCT refinements, chosen by config:
+         the curriculum (schedules.py), the pair sampling, the weighting λ and the metric d.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from cm_jax import distances, karras, precond, schedules
+
+
+def _bcast(v, x):
+    return jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))
+
+
+def _labels(batch, model_config):
+    return batch["label"] if model_config.num_classes > 0 else None
+
+
+def total_curriculum_steps(config):
+    """K in the curricula: schedule.total_steps, or the run's length when it is 0."""
+    return int(config.schedule.total_steps or config.train.num_steps)
+
+
+def consistency_training_loss(net, config):
+    """L_CT (CM Algorithm 3; iCT with pseudo-Huber, lognormal pairs and λ = 1/Δσ).
+
+    One example: draw the pair (σ_i, σ_{i+1}) and z ~ N(0, I), then
+      online = f_θ(x + σ_{i+1}·z, σ_{i+1})
+      target = sg(f_θ⁻(x + σ_i·z, σ_i))
+      loss   = λ(σ_i, σ_{i+1}) · d(online, target).
+    The target input is one Euler step of the PF-ODE from σ_{i+1} to σ_i that uses the clean
+    image as the denoiser: x_{i+1} − (σ_{i+1} − σ_i)·(x_{i+1} − x)/σ_{i+1} = x + σ_i·z exactly.
+    Both passes use the same dropout key, as the official code does, so they see the same
+    dropout mask and differ only in their inputs and parameters.
+    """
+    kc, lc, sc = config.karras, config.loss, config.schedule
+    grid = dict(sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho)
+    distance = distances.get_distance(lc.distance, lc.huber_c)
+    max_scales = schedules.max_num_scales(sc)
+    total_steps = total_curriculum_steps(config)
+    f = functools.partial(precond.consistency_fn, net, sigma_data=kc.sigma_data,
+                          sigma_min=kc.sigma_min, train=True)
+
+    def loss_fn(params, target_params, batch, rng, step):
+        x, labels = batch["image"], _labels(batch, config.model)
+        num_scales, _ = schedules.num_scales_and_target_ema(step, sc, total_steps)
+        index_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+        i = schedules.sample_pair_index(index_rng, x.shape[0], num_scales, lc.index_sampling,
+                                        max_scales, lc.p_mean, lc.p_std, **grid)
+        sigma_lo = karras.karras_sigma(i, num_scales, **grid)
+        sigma_hi = karras.karras_sigma(i + 1, num_scales, **grid)
+        z = jax.random.normal(noise_rng, x.shape, x.dtype)
+
+        online = f(params, x + _bcast(sigma_hi, x) * z, sigma_hi, labels, dropout_rng=dropout_rng)
+        target = f(target_params, x + _bcast(sigma_lo, x) * z, sigma_lo, labels,
+                   dropout_rng=dropout_rng)
+        target = jax.lax.stop_gradient(target)
+
+        weight = schedules.pair_weight(sigma_lo, sigma_hi, lc.weighting)
+        per_example = weight * distance(online, target)
+        loss = jnp.mean(per_example)
+        return loss, {"loss": loss, "num_scales": num_scales,
+                      "unweighted_distance": jnp.mean(per_example / weight)}
+
+    return loss_fn
+
+
+def edm_loss(net, config):
+    """EDM denoising score matching (Karras et al. 2022, Eq. 8 with Table 1's choices):
+
+    ln σ ~ N(P_mean, P_std²), n ~ N(0, σ²I), loss = λ(σ)·‖D_θ(x + n; σ) − x‖²/d.
+    The squared error is averaged over pixels (as the official CM code does; EDM sums), which
+    only rescales the loss. target_params is unused: a diffusion model has no target network.
+    """
+    kc, ec = config.karras, config.edm
+
+    def loss_fn(params, target_params, batch, rng, step):
+        del target_params, step
+        x, labels = batch["image"], _labels(batch, config.model)
+        sigma_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+        sigma = schedules.edm_sample_sigma(sigma_rng, x.shape[0], ec.p_mean, ec.p_std)
+        noisy = x + _bcast(sigma, x) * jax.random.normal(noise_rng, x.shape, x.dtype)
+        denoised = precond.edm_denoiser(net, params, noisy, sigma, labels,
+                                        sigma_data=kc.sigma_data, train=True,
+                                        dropout_rng=dropout_rng)
+        per_example = schedules.edm_weight(sigma, kc.sigma_data) * distances.l2(denoised, x)
+        loss = jnp.mean(per_example)
+        return loss, {"loss": loss}
+
+    return loss_fn
+
+
+LOSSES = {"ct": consistency_training_loss, "edm": edm_loss}
+
+# Methods whose loss reads a target network θ⁻ (the trainer keeps one only for these).
+METHODS_WITH_TARGET = ("ct",)
+
+
+def get_loss_fn(net, config):
+    """The loss builder for config.method, applied to the network and config."""
+    if config.method not in LOSSES:
+        raise ValueError(f"Unknown method {config.method!r}: use one of {sorted(LOSSES)}.")
+    return LOSSES[config.method](net, config)

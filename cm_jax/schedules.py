@@ -1,0 +1,158 @@
+"""Training curricula and noise-level sampling of consistency training.
+
+- N(k): the number of grid points at training step k (original CT, iCT, fixed).
+- μ(k): the decay of the target network θ⁻ ← μ·θ⁻ + (1−μ)·θ (CM Algorithm 3).
+- Which adjacent pair (σ_i, σ_{i+1}) of the grid a training example uses, and its weight λ.
+
+All functions are jit-safe in the step k and in N (integers may be traced), because N changes
+during training and recompiling for every value would be wasteful. The grid is ascending
+(see karras.py): the student sits at σ_{i+1}, the target at σ_i.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import erf
+
+from cm_jax import karras
+
+
+# --------------------------------------------------------------------------- N(k) and μ(k)
+def ct_num_scales(k, total_steps, s0=2, s1=150):
+    """Original CT curriculum (CM Appendix C): N(k) = ⌈√(k/K·((s1+1)² − s0²) + s0²) − 1⌉ + 1.
+
+    With s0=2, s1=150, K=800k this gives 2 at k=0, 76 at 200k, 107 at 400k, 151 at 800k.
+    The official code also clamps the inner term at ≥ 1, which only matters for s0 < 2.
+    """
+    frac = jnp.asarray(k, jnp.float32) / total_steps
+    inner = jnp.sqrt(frac * ((s1 + 1) ** 2 - s0**2) + s0**2)
+    n = jnp.maximum(jnp.ceil(inner - 1.0), 1.0)
+    return n.astype(jnp.int32) + 1
+
+
+def ct_target_ema(num_scales, s0=2, mu0=0.9, formula="paper"):
+    """Original CT target decay μ(k) = exp(s0·ln μ0 / N(k)).
+
+    formula="paper": divide by N(k), as printed in the CM paper (μ = μ0 at k = 0 with s0 = 2).
+    formula="official": divide by N(k) − 1, as the official code (consistency_models_cifar10
+    `losses.get_ema_scales_fn` and openai/consistency_models `create_ema_and_scales_fn`) does;
+    μ at k = 0 is then μ0^{s0/(s0−1)} = 0.81 for μ0 = 0.9.
+    """
+    n = jnp.asarray(num_scales, jnp.float32)
+    if formula == "paper":
+        denominator = n
+    elif formula == "official":
+        denominator = n - 1.0
+    else:
+        raise ValueError(f"Unknown μ(k) formula {formula!r}: use 'paper' or 'official'.")
+    return jnp.exp(s0 * math.log(mu0) / denominator)
+
+
+def ict_num_scales(k, total_steps, s0=10, s1=1280):
+    """iCT's exponential curriculum (Song & Dhariwal 2024):
+
+    N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 with K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋.
+    For K = 400k, s0 = 10, s1 = 1280: K' = 50k and N = 11, 21, 41, …, 1281.
+    """
+    stage_len = ict_stage_length(total_steps, s0, s1)
+    doublings = jnp.asarray(k, jnp.int32) // stage_len
+    # Cap the exponent so 2**doublings cannot overflow int32 late in long runs.
+    doublings = jnp.minimum(doublings, int(math.log2(s1 // s0)) + 1)
+    return jnp.minimum(s0 * 2**doublings, s1).astype(jnp.int32) + 1
+
+
+def ict_stage_length(total_steps, s0=10, s1=1280):
+    """K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋, the number of steps between doublings of N (at least 1)."""
+    return max(total_steps // (int(math.log2(s1 // s0)) + 1), 1)
+
+
+def max_num_scales(schedule_config):
+    """The largest N a schedule can reach: the static size of the grid buffers."""
+    kind = schedule_config.kind
+    if kind in ("ct", "ict"):
+        return int(schedule_config.s1) + 1
+    if kind == "fixed":
+        return int(schedule_config.num_scales)
+    raise ValueError(f"Unknown schedule kind {kind!r}: use 'ct', 'ict' or 'fixed'.")
+
+
+def num_scales_and_target_ema(k, schedule_config, total_steps):
+    """(N(k), μ(k)) for the configured curriculum.
+
+    kind="ct":    original CT, N from `ct_num_scales`, μ from `ct_target_ema`.
+    kind="ict":   iCT, N from `ict_num_scales`, μ = 0 (θ⁻ = stop_gradient(θ)).
+    kind="fixed": N = num_scales and μ = target_ema (CD's N=18, μ=0 on CIFAR-10).
+    """
+    c = schedule_config
+    if c.kind == "ct":
+        n = ct_num_scales(k, total_steps, c.s0, c.s1)
+        return n, ct_target_ema(n, c.s0, c.mu0, c.mu_formula)
+    if c.kind == "ict":
+        return ict_num_scales(k, total_steps, c.s0, c.s1), jnp.float32(0.0)
+    if c.kind == "fixed":
+        return jnp.int32(c.num_scales), jnp.float32(c.target_ema)
+    raise ValueError(f"Unknown schedule kind {c.kind!r}: use 'ct', 'ict' or 'fixed'.")
+
+
+# --------------------------------------------------------------------------- which σ pair
+def lognormal_pair_logits(num_scales, max_scales, p_mean=-1.1, p_std=2.0, **grid):
+    """Log-probabilities of the pair index i ∈ {0..N−2} under iCT's discretised lognormal.
+
+    p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std)) − erf((ln σ_i − P_mean)/(√2·P_std))
+    (iCT's improved noise schedule): the lognormal mass between the two grid points. The
+    buffer has the static length max_scales − 1; indices ≥ N − 1 get −inf.
+    """
+    i = jnp.arange(max_scales - 1)
+    lo = karras.karras_sigma(i, num_scales, **grid)
+    hi = karras.karras_sigma(i + 1, num_scales, **grid)
+    cdf = lambda s: erf((jnp.log(s) - p_mean) / (math.sqrt(2.0) * p_std))
+    mass = cdf(hi) - cdf(lo)
+    valid = i < num_scales - 1
+    return jnp.where(valid & (mass > 0), jnp.log(jnp.where(valid, mass, 1.0)), -jnp.inf)
+
+
+def sample_pair_index(rng, batch_size, num_scales, sampling, max_scales, p_mean=-1.1, p_std=2.0,
+                      **grid):
+    """Draw i per example, so that the student uses σ_{i+1} and the target σ_i.
+
+    sampling="uniform":   i ~ U{0..N−2} (CM Algorithms 2 and 3).
+    sampling="lognormal": iCT's discretised lognormal (`lognormal_pair_logits`).
+    """
+    if sampling == "uniform":
+        return jax.random.randint(rng, (batch_size,), 0, num_scales - 1)
+    if sampling == "lognormal":
+        logits = lognormal_pair_logits(num_scales, max_scales, p_mean, p_std, **grid)
+        return jax.random.categorical(rng, logits, shape=(batch_size,))
+    raise ValueError(f"Unknown index sampling {sampling!r}: use 'uniform' or 'lognormal'.")
+
+
+def pair_weight(sigma_lo, sigma_hi, weighting):
+    """λ for the pair (σ_i, σ_{i+1}); the SNR weightings use the student's σ = σ_{i+1}.
+
+    uniform: 1 (CM).   ict: 1/(σ_{i+1} − σ_i) (iCT's weighting).
+    snr: 1/σ².   snrp1: 1/σ² + 1.   truncated_snr: max(1/σ², 1)  (official code's options).
+    """
+    snr = 1.0 / sigma_hi**2
+    if weighting == "uniform":
+        return jnp.ones_like(sigma_hi)
+    if weighting == "ict":
+        return 1.0 / (sigma_hi - sigma_lo)
+    if weighting == "snr":
+        return snr
+    if weighting == "snrp1":
+        return snr + 1.0
+    if weighting == "truncated_snr":
+        return jnp.maximum(snr, 1.0)
+    raise ValueError(
+        f"Unknown weighting {weighting!r}: use uniform, ict, snr, snrp1 or truncated_snr.")
+
+
+# --------------------------------------------------------------------------- EDM teacher
+def edm_sample_sigma(rng, batch_size, p_mean=-1.2, p_std=1.2):
+    """EDM training noise levels: ln σ ~ N(P_mean, P_std²) (EDM Table 1)."""
+    return jnp.exp(p_mean + p_std * jax.random.normal(rng, (batch_size,)))
+
+
+def edm_weight(sigma, sigma_data=0.5):
+    """EDM loss weight λ(σ) = (σ² + σ_d²)/(σ·σ_d)² (EDM Table 1), which makes c_out²·λ = 1."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2

@@ -1,0 +1,298 @@
+"""The trainer: train state, the sharded step, and the loop behind `launch.py --mode=train`.
+
+One step (the official order, CM Algorithms 2-3 and openai/consistency_models `run_step`):
+  1. gradient of the loss at θ, optimizer update θ ← θ − η·u;
+  2. evaluation EMAs θ_r ← r·θ_r + (1 − r)·θ for every configured rate r;
+  3. target network θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ  (CM Eq. 8; μ = 0 gives iCT's θ⁻ = θ).
+
+Sharding: a 1-D device mesh with axis "data". The batch is split over it, everything in the
+state is replicated, and XLA inserts the gradient all-reduce, because the loss is a mean over
+the global batch. The same code runs on 1 CPU, 8 fake CPU devices, a GPU, or a TPU pod
+(each host feeds its rows of the global batch; see data.py).
+"""
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cm_jax import checkpoint, data, losses, metric_logging, models, optim, sampling, schedules
+
+
+# --------------------------------------------------------------------------- state
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array            # int32: optimizer steps taken
+    params: Any                # θ
+    target_params: Any         # θ⁻, None for methods without a target network
+    ema_params: dict           # {ema_key(r): θ_r} evaluation EMAs
+    opt_state: Any
+    rng: jax.Array             # base key; step k draws from fold_in(rng, k)
+
+
+def ema_key(rate):
+    """'0.9999' -> '0_9999': a key that is also a safe checkpoint path component."""
+    return str(rate).replace(".", "_")
+
+
+def ema_update(average, new, rate):
+    """r·average + (1 − r)·new, leaf by leaf."""
+    return jax.tree.map(lambda a, n: rate * a + (1.0 - rate) * n, average, new)
+
+
+def create_mesh(devices=None):
+    """All devices (of all hosts), or the given ones, on one data-parallel axis "data"."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
+
+
+def batch_sharding(mesh, steps_per_call=1):
+    """Batches split over "data" (axis 1 when several steps are stacked for lax.scan)."""
+    return NamedSharding(mesh, P("data") if steps_per_call == 1 else P(None, "data"))
+
+
+def init_train_state(config, net, tx, mesh):
+    """A fresh state, initialised on the devices and replicated over the mesh."""
+    has_target = config.method in losses.METHODS_WITH_TARGET
+    size, channels = config.data.image_size, config.data.num_channels
+
+    def init(rng):
+        params_rng, state_rng = jax.random.split(rng)
+        x = jnp.zeros((1, size, size, channels), jnp.float32)
+        labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
+        params = net.init({"params": params_rng}, x, jnp.zeros((1,)), labels, train=False)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            target_params=params if has_target else None,
+            ema_params={ema_key(r): params for r in config.train.ema_rates},
+            opt_state=tx.init(params),
+            rng=state_rng)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.train.seed))
+
+
+def count_params(params):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------- one step
+def make_train_step(config, net, tx, lr_schedule, mesh):
+    """jit-compiled (state, batch) -> (state, metrics); scans steps_per_call steps per call."""
+    loss_fn = losses.get_loss_fn(net, config)
+    total_steps = losses.total_curriculum_steps(config)
+    ema_rates = tuple(config.train.ema_rates)
+
+    def one_step(state, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, state.target_params, batch, rng, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = {ema_key(r): ema_update(state.ema_params[ema_key(r)], params, r)
+                      for r in ema_rates}
+        target_params = state.target_params
+        if target_params is not None:
+            _, mu = schedules.num_scales_and_target_ema(state.step, config.schedule, total_steps)
+            target_params = ema_update(target_params, params, mu)
+            metrics["target_ema"] = mu
+        metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step))
+        new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
+                                  ema_params=ema_params, opt_state=opt_state)
+        return new_state, metrics
+
+    def multi_step(state, batches):
+        state, metrics = jax.lax.scan(one_step, state, batches)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    replicated = NamedSharding(mesh, P())
+    spc = config.train.steps_per_call
+    return jax.jit(one_step if spc == 1 else multi_step,
+                   in_shardings=(replicated, batch_sharding(mesh, spc)),
+                   out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+
+
+# --------------------------------------------------------------------------- samples
+def make_sample_fn(config, net):
+    """jit-compiled params -> uint8 sample grid images, from a fixed noise (comparable over time)."""
+    kc, n = config.karras, config.train.num_sample_images
+    shape = (n, config.data.image_size, config.data.image_size, config.data.num_channels)
+    z = jax.random.normal(jax.random.PRNGKey(config.train.sample_seed), shape)
+    labels = (jnp.arange(n) % config.model.num_classes) if config.model.num_classes > 0 else None
+    if config.method == "edm":
+        sampler = functools.partial(sampling.edm_heun_sample, num_steps=config.edm.sample_steps,
+                                    sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho,
+                                    sigma_data=kc.sigma_data)
+    else:
+        sampler = functools.partial(sampling.onestep_sample, sigma_max=kc.sigma_max,
+                                    sigma_min=kc.sigma_min, sigma_data=kc.sigma_data)
+
+    @jax.jit
+    def sample(params):
+        return data.to_uint8(sampler(net, params, z, labels))
+
+    return sample
+
+
+# --------------------------------------------------------------------------- the loop
+class _PreemptionFlag:
+    """Set by SIGTERM (what schedulers send before killing a job) so the loop can save first."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def validate_config(config):
+    """One clear error for settings the loop cannot honour, before anything is compiled."""
+    t = config.train
+    if t.batch_size % jax.device_count():
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the "
+                         f"{jax.device_count()} devices.")
+    if t.steps_per_call < 1:
+        raise ValueError(f"train.steps_per_call={t.steps_per_call} must be at least 1.")
+    for name, least in (("num_steps", 1), ("log_every", 1), ("save_every", 1),
+                        ("sample_every", 0)):
+        value = getattr(t, name)
+        if value < least or value % t.steps_per_call:
+            raise ValueError(f"train.{name}={value} must be a multiple of "
+                             f"train.steps_per_call={t.steps_per_call} and at least {least}.")
+    if not t.ema_rates:
+        raise ValueError("train.ema_rates is empty: give at least one evaluation EMA rate.")
+    if any(not 0.0 <= r < 1.0 for r in t.ema_rates):
+        raise ValueError(f"train.ema_rates={tuple(t.ema_rates)} must lie in [0, 1).")
+
+
+def data_meta(config):
+    """What the step-indexed data order depends on; stored with each checkpoint."""
+    return {"data_seed": int(config.data.seed), "batch_size": int(config.train.batch_size)}
+
+
+def write_config(config, workdir):
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config, workdir):
+    """Train config.method for config.train.num_steps, resuming from workdir if it has a state."""
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_config(config, workdir)
+
+    mesh = create_mesh()
+    net = models.create_model(config.model)
+    tx, lr_schedule = optim.make_optimizer(config.optim)
+    state = init_train_state(config, net, tx, mesh)
+    logging.info("%s: %s parameters, %d devices", config.model.name,
+                 f"{count_params(state.params):,}", jax.device_count())
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state, meta = restored
+        if meta != data_meta(config):
+            logging.warning("Resuming with data settings %s, the checkpoint has %s: the batch "
+                            "order will differ from the interrupted run.", data_meta(config), meta)
+        logging.info("Resumed from step %d.", int(state.step))
+
+    dataset = data.load_split(config.data)
+    train_step = make_train_step(config, net, tx, lr_schedule, mesh)
+    sample_fn = make_sample_fn(config, net) if config.train.sample_every else None
+    writer = metric_logging.create_writer(workdir)
+    try:
+        _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+
+
+def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh):
+    t = config.train
+    start = int(state.step)
+    if start >= t.num_steps:
+        logging.info("Step %d already reached num_steps=%d: nothing to train.", start, t.num_steps)
+        return
+    preemption = _PreemptionFlag()
+    iterator = data.TrainIterator(dataset, t.batch_size, batch_sharding(mesh, t.steps_per_call),
+                                  start_step=start, seed=config.data.seed,
+                                  random_flip=config.data.random_flip,
+                                  prefetch=config.data.prefetch, steps_per_call=t.steps_per_call)
+    progress = _Progress(start, t.num_steps, t.batch_size)
+    try:
+        for step, batch in iterator:
+            state, metrics = train_step(state, batch)
+            step += t.steps_per_call
+            progress.advance(t.steps_per_call)
+            if step % t.log_every == 0 or step == t.num_steps:
+                _log(writer, step, metrics, progress)
+            if sample_fn is not None and step % t.sample_every == 0:
+                _save_samples(sample_fn, state, workdir, step, t.ema_rates[0])
+            stop = step >= t.num_steps or preemption.raised or (
+                jax.process_count() > 1 and ckpt.reached_preemption(step))
+            if stop or step % t.save_every == 0:
+                ckpt.save(step, state, data_meta(config))
+            if stop:
+                break
+    finally:
+        progress.close()
+        iterator.close()
+        preemption.restore()
+
+
+class _Progress:
+    """A progress bar with ETA (tqdm), and throughput measured between log points."""
+
+    def __init__(self, start_step, num_steps, batch_size):
+        self.batch_size = batch_size
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step",
+                             disable=jax.process_index() > 0, mininterval=5.0)
+
+    def advance(self, steps):
+        self.bar.update(steps)
+
+    def rates(self, step):
+        now = time.perf_counter()
+        steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size}
+
+    def close(self):
+        self.bar.close()
+
+
+def _log(writer, step, metrics, progress):
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}  # Syncs the device.
+    scalars.update(progress.rates(step))
+    writer.write_scalars(step, scalars)
+    writer.flush()
+    progress.bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
+
+
+def _save_samples(sample_fn, state, workdir, step, ema_rate):
+    images = jax.device_get(sample_fn(state.ema_params[ema_key(ema_rate)]))
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+        metric_logging.save_image_grid(images, path)
+        logging.info("Wrote %s (one EMA %s sample grid).", path, ema_rate)

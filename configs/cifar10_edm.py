@@ -1,0 +1,28 @@
+"""The EDM diffusion teacher on CIFAR-10 (Karras et al. 2022), as the official CM code trains it
+(`cifar10_k_ve`): NCSN++ with dropout 0.13, batch 512, Adam 1e-3 with a warm-up over 10M images
+(19,531 steps), no clipping, 400k steps, eval EMA with a half-life of 0.5M images (0.99929 per
+step at batch 512), lognormal σ (P_mean −1.2, P_std 1.2), EDM weighting. Sample grids use the
+Heun sampler with 18 steps (35 network evaluations).
+
+Variants: paper (default), `:cpu`, `:test`.
+"""
+from configs import common
+
+
+def get_config(variant=None):
+    c = common.base_config()
+    c.method = "edm"
+    c.model.dropout = 0.13
+    c.optim.update(name="adam", lr=1e-3, warmup_steps=19_531, grad_clip=0.0)
+    c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=18)
+    c.train.update(batch_size=512, num_steps=400_000, ema_rates=(0.99929,))
+    if variant == "cpu":
+        common.apply_cpu_variant(c)
+        c.optim.update(lr=1e-3, warmup_steps=200)
+    elif variant == "test":
+        common.apply_test_variant(c)
+        c.optim.warmup_steps = 2
+        c.edm.sample_steps = 3
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r} of cifar10_edm: use cpu or test.")
+    return c

@@ -1,0 +1,44 @@
+"""cm_jax entry point.
+
+    python launch.py --config=configs/cifar10_ict.py:cpu --workdir=workdirs/ict_cpu \
+        --config.data.dir=../shared/data/cifar10
+
+Any config field can be overridden as --config.a.b=value. Everything a run writes goes to
+--workdir: config.json, checkpoints/, metrics.jsonl, tensorboard/ and samples/. Re-running the
+same command resumes from the newest checkpoint there.
+"""
+import logging as py_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally file.py:variant.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
+flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_orbax(record):
+    """Orbax logs every save step at INFO; keep its warnings and errors only."""
+    return "orbax" not in record.pathname or record.levelno >= py_logging.WARNING
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    # Imported here so that --help answers without initialising JAX.
+    import jax
+    from cm_jax import trainer
+
+    jax.config.parse_flags_with_absl()
+    logging.info("JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(),
+                 jax.devices())
+    if FLAGS.mode == "train":
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,403 @@
+"""Tests for cm_jax.data: loading and validation, the step-indexed order, the iterator."""
+import hashlib
+import os
+import time
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cm_jax import data
+
+CIFAR10_DIR = "/work/shared/data/cifar10"
+
+
+def make_data_config(**overrides):
+    """A `config.data`: an ml_collections ConfigDict, or a plain namespace where the GPU
+    machine's image lacks ml_collections (load_split only reads attributes)."""
+    fields = dict(
+        dataset="cifar10",
+        dir="",
+        split="train",
+        image_size=8,
+        num_channels=3,
+        random_flip=True,
+        seed=0,
+        tfds_data_dir="",
+        prefetch=2,
+    )
+    fields.update(overrides)
+    try:
+        import ml_collections
+    except ImportError:
+        return types.SimpleNamespace(**fields)
+    return ml_collections.ConfigDict(fields)
+
+
+def random_arrays(n, size=8, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.int64)
+    return images, labels
+
+
+def write_shard(path, **arrays):
+    np.savez(path, **arrays)
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    """Two train shards (written out of name order) plus a single-file test split."""
+    images, labels = random_arrays(30)
+    write_shard(tmp_path / "train-00001-of-00002.npz", images=images[20:], labels=labels[20:])
+    write_shard(tmp_path / "train-00000-of-00002.npz", images=images[:20], labels=labels[:20])
+    test_images, test_labels = random_arrays(7, seed=1)
+    write_shard(tmp_path / "test.npz", images=test_images, labels=test_labels)
+    write_shard(tmp_path / "unrelated.npz", images=test_images, labels=test_labels)
+    return tmp_path, (images, labels), (test_images, test_labels)
+
+
+@pytest.fixture(scope="module")
+def small_dataset():
+    images, labels = random_arrays(40)
+    return data.ImageDataset(images=images, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def batch_mesh():
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+# -- pixel conversion -------------------------------------------------------------------
+
+
+def test_normalize_and_to_uint8_round_trip_every_level():
+    levels = np.arange(256, dtype=np.uint8)
+    x = data.normalize(levels)
+    assert x.dtype == np.float32
+    assert x.min() == -1.0 and x.max() == 1.0
+    np.testing.assert_array_equal(data.to_uint8(x), levels)
+
+
+def test_to_uint8_clips_and_works_under_jit():
+    x = np.array([-1.7, -1.0, 0.0, 1.0, 2.5], np.float32)
+    np.testing.assert_array_equal(data.to_uint8(x), [0, 0, 128, 255, 255])
+    out = jax.jit(lambda v: data.to_uint8(data.normalize(data.to_uint8(v))))(jnp.asarray(x))
+    assert out.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(out), [0, 0, 128, 255, 255])
+
+
+# -- npz loading ------------------------------------------------------------------------
+
+
+def test_npz_train_split_concatenates_shards_in_name_order(shard_dir):
+    folder, (images, labels), _ = shard_dir
+    dataset = data.load_split(make_data_config(dir=str(folder)))
+    assert dataset.num_examples == 30
+    np.testing.assert_array_equal(dataset.images, images)
+    np.testing.assert_array_equal(dataset.labels, labels)
+    assert dataset.images.dtype == np.uint8 and dataset.labels.dtype == np.int32
+    assert not dataset.images.flags.writeable
+
+
+def test_npz_test_split_reads_single_file(shard_dir):
+    folder, _, (test_images, test_labels) = shard_dir
+    dataset = data.load_split(make_data_config(dir=str(folder), split="test"))
+    np.testing.assert_array_equal(dataset.images, test_images)
+    np.testing.assert_array_equal(dataset.labels, test_labels)
+
+
+def test_npz_test_split_reads_shards(tmp_path):
+    images, labels = random_arrays(9)
+    write_shard(tmp_path / "test-00000-of-00002.npz", images=images[:4], labels=labels[:4])
+    write_shard(tmp_path / "test-00001-of-00002.npz", images=images[4:], labels=labels[4:])
+    dataset = data.load_split(make_data_config(dir=str(tmp_path), split="test"))
+    np.testing.assert_array_equal(dataset.images, images)
+
+
+def test_loading_leaves_files_untouched(shard_dir):
+    folder = shard_dir[0]
+
+    def snapshot():
+        return {
+            name: (os.stat(folder / name).st_mtime_ns, hashlib.sha256((folder / name).read_bytes()).digest())
+            for name in sorted(os.listdir(folder))
+        }
+
+    before = snapshot()
+    data.load_split(make_data_config(dir=str(folder)))
+    assert snapshot() == before
+
+
+def _write_bad_split(folder, kind):
+    images, labels = random_arrays(5)
+    shard = folder / "train-00000-of-00001.npz"
+    if kind == "no_images":
+        write_shard(shard, labels=labels)
+    elif kind == "no_labels":
+        write_shard(shard, images=images)
+    elif kind == "not_uint8":
+        write_shard(shard, images=images.astype(np.float32), labels=labels)
+    elif kind == "not_4d":
+        write_shard(shard, images=images.reshape(5, 8, 24), labels=labels)
+    elif kind == "length_mismatch":
+        write_shard(shard, images=images, labels=labels[:4])
+    elif kind == "wrong_size":
+        write_shard(shard, images=random_arrays(5, size=16)[0], labels=labels)
+    elif kind == "wrong_channels":
+        write_shard(shard, images=random_arrays(5, channels=1)[0], labels=labels)
+    elif kind == "both_layouts":
+        write_shard(shard, images=images, labels=labels)
+        write_shard(folder / "train.npz", images=images, labels=labels)
+
+
+@pytest.mark.parametrize(
+    "kind, error, match",
+    [
+        ("no_images", ValueError, "lacks the array 'images'"),
+        ("no_labels", ValueError, "lacks the array 'labels'"),
+        ("not_uint8", ValueError, "images must be uint8"),
+        ("not_4d", ValueError, "images must be 4-D"),
+        ("length_mismatch", ValueError, "length mismatch: 5 images but 4 labels"),
+        ("wrong_size", ValueError, "image size is 16x16, but config.data.image_size is 8"),
+        ("wrong_channels", ValueError, "1 channels, but config.data.num_channels is 3"),
+        ("both_layouts", ValueError, "holds both train.npz and train-\\*.npz"),
+    ],
+)
+def test_bad_shards_raise_one_clear_error(tmp_path, kind, error, match):
+    _write_bad_split(tmp_path, kind)
+    with pytest.raises(error, match=match):
+        data.load_split(make_data_config(dir=str(tmp_path)))
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_split(make_data_config(dir=str(tmp_path / "nowhere")))
+
+
+def test_folder_without_matching_shards_raises(shard_dir):
+    with pytest.raises(FileNotFoundError, match="no shards for split 'validation'"):
+        data.load_split(make_data_config(dir=str(shard_dir[0]), split="validation"))
+
+
+def test_image_dataset_validates_arrays():
+    images, labels = random_arrays(4)
+    dataset = data.ImageDataset(images=images, labels=labels)
+    assert images.flags.writeable and not dataset.images.flags.writeable
+    with pytest.raises(ValueError, match="length mismatch"):
+        data.ImageDataset(images=images, labels=labels[:3])
+    with pytest.raises(ValueError, match="images must be uint8"):
+        data.ImageDataset(images=images.astype(np.int32), labels=labels)
+
+
+# -- real CIFAR-10 ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar10_train():
+    if not os.path.isdir(CIFAR10_DIR):
+        pytest.skip(f"{CIFAR10_DIR} not present")
+    return data.load_split(make_data_config(dir=CIFAR10_DIR, image_size=32))
+
+
+def test_real_cifar10_train_split(cifar10_train):
+    assert cifar10_train.num_examples == 50_000
+    assert cifar10_train.images.shape == (50_000, 32, 32, 3)
+    assert cifar10_train.images.dtype == np.uint8
+    assert cifar10_train.labels.dtype == np.int32
+    assert set(np.unique(cifar10_train.labels)) == set(range(10))
+    mean = cifar10_train.images.reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(mean, (125.307, 122.950, 113.865), atol=0.05)
+
+
+def test_real_cifar10_batch(cifar10_train):
+    batch = data.host_batch(cifar10_train, step=123, global_batch_size=64, seed=0, random_flip=True)
+    assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+# -- the step-indexed order -------------------------------------------------------------
+
+
+def test_each_epoch_covers_every_example_once():
+    n, b, seed = 100, 7, 3  # batches straddle epoch boundaries
+    stream = np.concatenate([data.batch_indices(s, b, n, seed) for s in range(3 * n // b + 1)])
+    for epoch in range(3):
+        chunk = stream[epoch * n : (epoch + 1) * n]
+        np.testing.assert_array_equal(np.sort(chunk), np.arange(n))
+        np.testing.assert_array_equal(chunk, np.random.default_rng([seed, epoch]).permutation(n))
+    assert not np.array_equal(stream[:n], stream[n : 2 * n])
+
+
+def test_batch_larger_than_dataset_spans_several_epochs():
+    indices = data.batch_indices(1, 25, 10, seed=0)  # positions 25..49: epochs 2, 3, 4
+    expected = np.concatenate([np.random.default_rng([0, e]).permutation(10) for e in range(5)])
+    np.testing.assert_array_equal(indices, expected[25:50])
+
+
+def test_order_depends_on_seed():
+    assert not np.array_equal(data.batch_indices(0, 50, 1000, 0), data.batch_indices(0, 50, 1000, 1))
+    assert not np.array_equal(data.flip_mask(0, 50, 0), data.flip_mask(0, 50, 1))
+
+
+def test_flips_are_about_half_and_step_indexed():
+    masks = np.stack([data.flip_mask(s, 256, seed=0) for s in range(100)])
+    assert masks.dtype == bool
+    assert 0.48 < masks.mean() < 0.52
+    np.testing.assert_array_equal(data.flip_mask(57, 256, seed=0), masks[57])
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_host_batch_applies_flips(small_dataset):
+    step, b = 5, 16
+    batch = data.host_batch(small_dataset, step, b, seed=0, random_flip=True)
+    indices = data.batch_indices(step, b, small_dataset.num_examples, 0)
+    flips = data.flip_mask(step, b, 0)
+    assert 0 < flips.sum() < b
+    expected = small_dataset.images[indices]
+    expected[flips] = expected[flips][:, :, ::-1]
+    np.testing.assert_array_equal(data.to_uint8(batch["image"]), expected)
+    np.testing.assert_array_equal(batch["label"], small_dataset.labels[indices])
+    unflipped = data.host_batch(small_dataset, step, b, seed=0, random_flip=False)
+    np.testing.assert_array_equal(data.to_uint8(unflipped["image"]), small_dataset.images[indices])
+
+
+@pytest.mark.parametrize("process_count", [2, 4, 8])
+def test_process_rows_concatenate_to_the_global_batch(small_dataset, process_count):
+    b = 16
+    full = data.host_batch(small_dataset, 3, b, seed=1, random_flip=True)
+    parts = [
+        data.host_batch(small_dataset, 3, b, 1, True, process_index=i, process_count=process_count)
+        for i in range(process_count)
+    ]
+    for key in full:
+        assert all(len(part[key]) == b // process_count for part in parts)
+        np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), full[key])
+
+
+def test_batch_not_divisible_by_process_count_raises(small_dataset):
+    with pytest.raises(ValueError, match="not divisible by the process count 3"):
+        data.host_batch(small_dataset, 0, 16, 0, True, process_index=0, process_count=3)
+
+
+# -- the iterator -----------------------------------------------------------------------
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def test_iterator_yields_global_sharded_arrays(small_dataset, batch_mesh):
+    sharding = NamedSharding(batch_mesh, P("data"))
+    with data.TrainIterator(small_dataset, 16, sharding, start_step=0, seed=0, random_flip=True) as it:
+        step, batch = next(it)
+    assert step == 0
+    assert isinstance(batch["image"], jax.Array)
+    assert batch["image"].shape == (16, 8, 8, 3) and batch["image"].dtype == jnp.float32
+    assert batch["label"].shape == (16,) and batch["label"].dtype == jnp.int32
+    assert batch["image"].sharding == sharding
+    assert len(batch["image"].addressable_shards) == 8
+    assert batch["label"].sharding.spec == P("data")
+
+
+def test_iterator_matches_host_batch_and_resumes_exactly(small_dataset, batch_mesh):
+    sharding = NamedSharding(batch_mesh, P("data", None, None, None))
+    args = dict(global_batch_size=16, sharding=sharding, seed=2, random_flip=True)
+    with data.TrainIterator(small_dataset, start_step=0, **args) as it:
+        uninterrupted = take(it, 7)  # 7 * 16 > 40: crosses epoch boundaries
+    with data.TrainIterator(small_dataset, start_step=4, **args, prefetch=1) as it:
+        resumed = take(it, 3)
+    assert [step for step, _ in uninterrupted] == list(range(7))
+    assert [step for step, _ in resumed] == [4, 5, 6]
+    for (step, expected), (_, got) in zip(uninterrupted[4:], resumed):
+        for key in expected:
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
+    for step, batch in uninterrupted:  # fresh pure computation after iterating
+        fresh = data.host_batch(small_dataset, step, 16, 2, True)
+        for key in fresh:
+            np.testing.assert_array_equal(np.asarray(batch[key]), fresh[key])
+
+
+def test_iterator_stacks_steps_for_scan(small_dataset, batch_mesh):
+    sharding = NamedSharding(batch_mesh, P(None, "data"))
+    with data.TrainIterator(
+        small_dataset, 8, sharding, start_step=3, seed=0, random_flip=True, steps_per_call=2
+    ) as it:
+        groups = take(it, 2)
+    assert [step for step, _ in groups] == [3, 5]
+    step, batch = groups[1]
+    assert batch["image"].shape == (2, 8, 8, 8, 3) and batch["label"].shape == (2, 8)
+    assert batch["image"].sharding == sharding
+    for offset in range(2):
+        expected = data.host_batch(small_dataset, step + offset, 8, 0, True)
+        np.testing.assert_array_equal(np.asarray(batch["image"][offset]), expected["image"])
+        np.testing.assert_array_equal(np.asarray(batch["label"][offset]), expected["label"])
+
+
+def test_iterator_close_stops_thread(small_dataset, batch_mesh):
+    sharding = NamedSharding(batch_mesh, P("data"))
+    it = data.TrainIterator(small_dataset, 8, sharding, start_step=0, seed=0, random_flip=False, prefetch=1)
+    next(it)
+    time.sleep(0.2)  # let the producer block on the full queue
+    it.close()
+    assert not it._thread.is_alive()
+    it.close()  # idempotent
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_iterator_surfaces_producer_errors(small_dataset, batch_mesh, monkeypatch):
+    real_host_batch = data.host_batch
+
+    def failing_host_batch(dataset, step, *args, **kwargs):
+        if step == 2:
+            raise OSError("disk on fire")
+        return real_host_batch(dataset, step, *args, **kwargs)
+
+    monkeypatch.setattr(data, "host_batch", failing_host_batch)
+    sharding = NamedSharding(batch_mesh, P("data"))
+    it = data.TrainIterator(small_dataset, 8, sharding, start_step=0, seed=0, random_flip=False)
+    assert [step for step, _ in take(it, 2)] == [0, 1]
+    with pytest.raises(OSError, match="disk on fire"):
+        next(it)
+    assert not it._thread.is_alive()
+    with pytest.raises(OSError, match="disk on fire"):
+        next(it)
+
+
+def test_sharding_check_rejects_sharding_that_misses_process_rows(batch_mesh):
+    # In one process every device is addressable, so any sharding holds all rows; check
+    # against the rows a second of two processes would produce instead.
+    batch_sharded = NamedSharding(batch_mesh, P("data"))
+    data._check_sharding_holds_rows(batch_sharded, (8, 8), 0, slice(0, 8))
+    batch_replicated = NamedSharding(batch_mesh, P(None, "data"))  # shards axis 1 instead
+    with pytest.raises(ValueError, match="produces rows \\[4, 8\\)"):
+        data._check_sharding_holds_rows(batch_replicated, (8, 8), 0, slice(4, 8))
+
+
+def test_iterator_rejects_bad_arguments(small_dataset, batch_mesh):
+    sharding = NamedSharding(batch_mesh, P("data"))
+    with pytest.raises(ValueError, match="prefetch must be >= 1"):
+        data.TrainIterator(small_dataset, 8, sharding, 0, 0, False, prefetch=0)
+    with pytest.raises(ValueError, match="start_step must be >= 0"):
+        data.TrainIterator(small_dataset, 8, sharding, -1, 0, False)
+
+
+# -- tfds -------------------------------------------------------------------------------
+
+
+def test_tfds_path_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = make_data_config(dataset="cifar10", dir="", image_size=32)
+    with tfds.testing.mock_data(num_examples=12):
+        dataset = data.load_split(config)
+    assert dataset.num_examples == 12
+    assert dataset.images.shape == (12, 32, 32, 3) and dataset.images.dtype == np.uint8
+    assert dataset.labels.dtype == np.int32
+    with tfds.testing.mock_data(num_examples=12):
+        with pytest.raises(ValueError, match="config.data.image_size is 64"):
+            data.load_split(make_data_config(dataset="cifar10", dir="", image_size=64))

@@ -1,0 +1,140 @@
+"""The sharded train step, the update order, checkpoints and resume."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm_jax import checkpoint, data, models, optim, schedules, trainer
+from configs import cifar10_ct, cifar10_edm, cifar10_ict
+
+
+def _setup(config, devices):
+    mesh = trainer.create_mesh(devices)
+    net = models.create_model(config.model)
+    tx, lr = optim.make_optimizer(config.optim)
+    state = trainer.init_train_state(config, net, tx, mesh)
+    return mesh, net, tx, lr, state
+
+
+def _batches(config, mesh, steps):
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    dataset = data.ImageDataset(images, np.zeros(64, np.int32))
+    sharding = trainer.batch_sharding(mesh, config.train.steps_per_call)
+    with data.TrainIterator(dataset, config.train.batch_size, sharding, 0, 0, True,
+                            steps_per_call=config.train.steps_per_call) as it:
+        return [batch for _, (_, batch) in zip(range(steps), it)]
+
+
+def _run(config, devices, steps=2):
+    mesh, net, tx, lr, state = _setup(config, devices)
+    step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
+    metrics = []
+    for batch in _batches(config, mesh, steps):
+        state, m = step_fn(state, batch)
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+def _assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_eight_devices_equal_one_device():
+    config = cifar10_ict.get_config("test")  # dropout, lognormal pairs, pseudo-Huber
+    assert len(jax.devices()) == 8
+    state8, metrics8 = _run(config, jax.devices())
+    state1, metrics1 = _run(config, jax.devices()[:1])
+    for m8, m1 in zip(metrics8, metrics1):
+        assert m8["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    _assert_trees_close(state8.params, state1.params, rtol=1e-5, atol=1e-6)
+    _assert_trees_close(state8.ema_params, state1.ema_params, rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_steps_equal_single_steps():
+    config = cifar10_ct.get_config("test")
+    single, _ = _run(config, jax.devices(), steps=2)
+    config.train.steps_per_call = 2
+    scanned, _ = _run(config, jax.devices(), steps=1)
+    assert int(scanned.step) == 2
+    _assert_trees_close(single.params, scanned.params, rtol=1e-5, atol=1e-6)
+
+
+def test_update_order_optimizer_then_eval_emas_then_target():
+    config = cifar10_ct.get_config("test")  # μ(0) = 0.9^{2/(2−1)} = 0.81 (official formula)
+    mesh, net, tx, lr, state0 = _setup(config, jax.devices())
+    p0 = jax.device_get(state0.params)
+    step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
+    state1, metrics = step_fn(state0, _batches(config, mesh, 1)[0])
+    state1 = jax.device_get(state1)
+    assert float(metrics["target_ema"]) == pytest.approx(0.81, rel=1e-6)
+    assert int(state1.step) == 1
+    expected_target = jax.tree.map(lambda a, b: 0.81 * a + 0.19 * b, p0, state1.params)
+    _assert_trees_close(state1.target_params, expected_target, rtol=1e-6, atol=1e-7)
+    for rate in config.train.ema_rates:
+        expected = jax.tree.map(lambda a, b: rate * a + (1 - rate) * b, p0, state1.params)
+        _assert_trees_close(state1.ema_params[trainer.ema_key(rate)], expected,
+                            rtol=1e-6, atol=1e-7)
+    moved = [float(np.abs(a - b).max()) for a, b in
+             zip(jax.tree.leaves(p0), jax.tree.leaves(state1.params))]
+    assert max(moved) > 0
+
+
+def test_ict_target_equals_the_online_network():
+    config = cifar10_ict.get_config("test")
+    state, metrics = _run(config, jax.devices(), steps=1)
+    assert metrics[0]["target_ema"] == 0.0
+    _assert_trees_close(state.target_params, state.params, rtol=0, atol=0)
+
+
+def test_edm_state_has_no_target_network():
+    config = cifar10_edm.get_config("test")
+    state, metrics = _run(config, jax.devices(), steps=1)
+    assert state.target_params is None and np.isfinite(metrics[0]["loss"])
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("batch_size", 12, "not divisible by the 8 devices"),
+    ("save_every", 3, "train.save_every=3 must be a multiple"),
+    ("log_every", 0, "train.log_every=0"),
+    ("ema_rates", (1.5,), "must lie in"),
+])
+def test_bad_train_settings_are_clear_errors(field, value, match):
+    config = cifar10_ct.get_config("test")
+    config.train.steps_per_call = 2 if field == "save_every" else 1
+    setattr(config.train, field, value)
+    with pytest.raises(ValueError, match=match):
+        trainer.validate_config(config)
+
+
+def test_state_saved_on_eight_devices_restores_on_one(tmp_path):
+    config = cifar10_ct.get_config("test")
+    _, _, _, _, state8 = _setup(config, jax.devices())
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+    ckpt.save(7, state8, {"data_seed": 0})
+    ckpt.wait()
+    _, _, _, _, template = _setup(config, jax.devices()[:1])
+    template = template.replace(params=jax.tree.map(jnp.zeros_like, template.params))
+    restored, meta = ckpt.restore(template)
+    assert meta == {"data_seed": 0}
+    leaf = jax.tree.leaves(restored.params)[0]
+    assert leaf.sharding.device_set == {jax.devices()[0]}
+    _assert_trees_close(jax.device_get(restored), jax.device_get(state8), rtol=0, atol=0)
+    ckpt.close()
+
+
+def test_checkpoint_of_another_model_is_a_clear_error_and_is_kept(tmp_path):
+    config = cifar10_ct.get_config("test")
+    _, _, _, _, state = _setup(config, jax.devices())
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
+    ckpt.save(2, state, {})
+    ckpt.wait()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    config.model.nf = 16
+    _, _, _, _, other = _setup(config, jax.devices())
+    with pytest.raises(checkpoint.CheckpointError, match="does not match"):
+        ckpt.restore(other)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    ckpt.close()
