@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm_jax import data, models, optim, trainer  # noqa: E402
+from cm_jax import data, models, optim, train_state, trainer  # noqa: E402
 from configs import cifar10_ct, cifar10_edm, cifar10_ict, common  # noqa: E402
 
 RECIPES = {"ct": cifar10_ct, "ict": cifar10_ict, "edm": cifar10_edm}
@@ -39,18 +39,18 @@ def recipe_config(recipe, dtype, batch, tiny):
 
 def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False):
     config = recipe_config(recipe, dtype, batch, tiny)
-    mesh = trainer.create_mesh()
+    mesh = train_state.create_mesh()
     net = models.create_model(config.model)
     tx, lr = optim.make_optimizer(config.optim)
-    state = trainer.init_train_state(config, net, tx, mesh)
+    state = train_state.init_train_state(config, net, tx, mesh)
     step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
     size = config.data.image_size
     images = np.random.default_rng(0).integers(0, 256, (8192, size, size, 3), dtype=np.uint8)
     dataset = data.ImageDataset(images, np.zeros(len(images), np.int32))
-    sharding = trainer.batch_sharding(mesh)
+    sharding = train_state.batch_sharding(mesh)
     with data.TrainIterator(dataset, batch, sharding, 0, 0, True, prefetch=4) as batches:
         _, batch0 = next(batches)
-        lowered = step_fn.lower(state, batch0)
+        lowered = step_fn.lower(state, batch0, None)
         # Count FLOPs on the HLO before device compilation: once convolutions become library
         # calls (cuDNN), the compiled module's cost analysis no longer counts them.
         flops = float(lowered.cost_analysis()["flops"])
@@ -61,16 +61,16 @@ def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False):
         lowered.compile()
         compile_s = time.perf_counter() - start
         for _ in range(warmup):
-            state, metrics = step_fn(state, next(batches)[1])
+            state, metrics = step_fn(state, next(batches)[1], None)
         jax.block_until_ready(state)
         start = time.perf_counter()
         for _ in range(steps):
-            state, metrics = step_fn(state, next(batches)[1])
+            state, metrics = step_fn(state, next(batches)[1], None)
         jax.block_until_ready(state)
         seconds = (time.perf_counter() - start) / steps
     memory = jax.devices()[0].memory_stats() or {}
     return {
-        "recipe": recipe, "dtype": dtype, "batch": batch, "params": trainer.count_params(state.params),
+        "recipe": recipe, "dtype": dtype, "batch": batch, "params": train_state.count_params(state.params),
         "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
         "compile_s": round(compile_s, 1), "ms_per_step": round(1e3 * seconds, 2),
         "images_per_s": round(batch / seconds, 1), "tflop_per_step": round(flops / 1e12, 3),

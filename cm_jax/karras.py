@@ -31,6 +31,11 @@ def karras_sigmas(num_scales, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return karras_sigma(jnp.arange(num_scales), num_scales, sigma_min, sigma_max, rho)
 
 
+def per_example(v, x):
+    """A per-example [B] quantity (σ, a weight) shaped to broadcast against images [B, H, W, C]."""
+    return jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))
+
+
 class Scalings(NamedTuple):
     """The four preconditioning factors: D = c_skip·x + c_out·F(c_in·x, c_noise)."""
 

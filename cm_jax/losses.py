@@ -1,24 +1,22 @@
 """Training objectives. Each builder returns a pure function
 
-    loss_fn(params, target_params, batch, rng, step) -> (loss, metrics)
+    loss_fn(params, target_params, batch, rng, step, frozen=None) -> (loss, metrics)
 
-where batch = {'image': [B,H,W,C] in [−1, 1], 'label': [B]}, rng is this step's key and step
-the (possibly traced) optimizer step k that drives the curricula. Methods:
+where batch = {'image': [B,H,W,C] in [−1, 1], 'label': [B]}, rng is this step's key, step
+the (possibly traced) optimizer step k that drives the curricula, and frozen the parameters of
+a fixed network the method reads (CD's teacher). Methods:
 
 - "edm": EDM denoising score matching, to train the diffusion teacher (Karras et al. 2022).
 - "ct":  consistency training (CM Algorithm 3) and its iCT refinements, chosen by config:
          the curriculum (schedules.py), the pair sampling, the weighting λ and the metric d.
+- "cd":  consistency distillation (CM Algorithm 2) from an EDM teacher, same options.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from cm_jax import distances, karras, precond, schedules
-
-
-def _bcast(v, x):
-    return jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))
+from cm_jax import distances, karras, ode, precond, schedules
 
 
 def _labels(batch, model_config):
@@ -30,15 +28,13 @@ def total_curriculum_steps(config):
     return int(config.schedule.total_steps or config.train.num_steps)
 
 
-def consistency_training_loss(net, config):
-    """L_CT (CM Algorithm 3; iCT with pseudo-Huber, lognormal pairs and λ = 1/Δσ).
+def _consistency_loss(net, config, target_input):
+    """The body shared by CT and CD (CM Algorithms 2 and 3).
 
-    One example: draw the pair (σ_i, σ_{i+1}) and z ~ N(0, I), then
-      online = f_θ(x + σ_{i+1}·z, σ_{i+1})
-      target = sg(f_θ⁻(x + σ_i·z, σ_i))
+    One example: draw the pair (σ_i, σ_{i+1}) and z ~ N(0, I), x_{i+1} = x + σ_{i+1}·z, then
+      online = f_θ(x_{i+1}, σ_{i+1})
+      target = sg(f_θ⁻(x̂_i, σ_i)),  x̂_i = target_input(...), one ODE step to σ_i
       loss   = λ(σ_i, σ_{i+1}) · d(online, target).
-    The target input is one Euler step of the PF-ODE from σ_{i+1} to σ_i that uses the clean
-    image as the denoiser: x_{i+1} − (σ_{i+1} − σ_i)·(x_{i+1} − x)/σ_{i+1} = x + σ_i·z exactly.
     Both passes use the same dropout key, as the official code does, so they see the same
     dropout mask and differ only in their inputs and parameters.
     """
@@ -50,7 +46,7 @@ def consistency_training_loss(net, config):
     f = functools.partial(precond.consistency_fn, net, sigma_data=kc.sigma_data,
                           sigma_min=kc.sigma_min, train=True)
 
-    def loss_fn(params, target_params, batch, rng, step):
+    def loss_fn(params, target_params, batch, rng, step, frozen=None):
         x, labels = batch["image"], _labels(batch, config.model)
         num_scales, _ = schedules.num_scales_and_target_ema(step, sc, total_steps)
         index_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
@@ -59,10 +55,11 @@ def consistency_training_loss(net, config):
         sigma_lo = karras.karras_sigma(i, num_scales, **grid)
         sigma_hi = karras.karras_sigma(i + 1, num_scales, **grid)
         z = jax.random.normal(noise_rng, x.shape, x.dtype)
+        x_hi = x + karras.per_example(sigma_hi, x) * z
 
-        online = f(params, x + _bcast(sigma_hi, x) * z, sigma_hi, labels, dropout_rng=dropout_rng)
-        target = f(target_params, x + _bcast(sigma_lo, x) * z, sigma_lo, labels,
-                   dropout_rng=dropout_rng)
+        online = f(params, x_hi, sigma_hi, labels, dropout_rng=dropout_rng)
+        x_lo = jax.lax.stop_gradient(target_input(frozen, x, z, x_hi, sigma_hi, sigma_lo, labels))
+        target = f(target_params, x_lo, sigma_lo, labels, dropout_rng=dropout_rng)
         target = jax.lax.stop_gradient(target)
 
         weight = schedules.pair_weight(sigma_lo, sigma_hi, lc.weighting)
@@ -74,21 +71,57 @@ def consistency_training_loss(net, config):
     return loss_fn
 
 
-def edm_loss(net, config):
+def consistency_training_loss(net, config, teacher_net=None):
+    """L_CT (CM Algorithm 3; iCT with pseudo-Huber, lognormal pairs and λ = 1/Δσ).
+
+    The target input is one Euler step of the PF-ODE from σ_{i+1} to σ_i that uses the clean
+    image as the denoiser: x_{i+1} − (σ_{i+1} − σ_i)·(x_{i+1} − x)/σ_{i+1} = x + σ_i·z exactly.
+    """
+    del teacher_net
+
+    def clean_image_euler_step(frozen, x, z, x_hi, sigma_hi, sigma_lo, labels):
+        return x + karras.per_example(sigma_lo, x) * z
+
+    return _consistency_loss(net, config, clean_image_euler_step)
+
+
+def consistency_distillation_loss(net, config, teacher_net):
+    """L_CD (CM Algorithm 2): the target input is one step of the teacher's PF-ODE from σ_{i+1}
+    to σ_i (Heun by default, as the paper; `teacher.solver=euler` for the first-order one).
+
+    `frozen` is the teacher's parameters (its evaluation EMA); the teacher runs deterministic
+    (no dropout), as an ODE solver must.
+    """
+    if teacher_net is None:
+        raise ValueError("method 'cd' needs a teacher: set config.teacher.workdir.")
+    solver = ode.SOLVERS[config.teacher.solver]
+    sigma_data = config.karras.sigma_data
+
+    def teacher_ode_step(frozen, x, z, x_hi, sigma_hi, sigma_lo, labels):
+        denoise = lambda v, s: precond.edm_denoiser(teacher_net, frozen, v, s, labels,
+                                                    sigma_data=sigma_data)
+        return solver(denoise, x_hi, sigma_hi, sigma_lo)
+
+    return _consistency_loss(net, config, teacher_ode_step)
+
+
+def edm_loss(net, config, teacher_net=None):
     """EDM denoising score matching (Karras et al. 2022, Eq. 8 with Table 1's choices):
 
     ln σ ~ N(P_mean, P_std²), n ~ N(0, σ²I), loss = λ(σ)·‖D_θ(x + n; σ) − x‖²/d.
     The squared error is averaged over pixels (as the official CM code does; EDM sums), which
     only rescales the loss. target_params is unused: a diffusion model has no target network.
     """
+    del teacher_net
     kc, ec = config.karras, config.edm
 
-    def loss_fn(params, target_params, batch, rng, step):
-        del target_params, step
+    def loss_fn(params, target_params, batch, rng, step, frozen=None):
+        del target_params, step, frozen
         x, labels = batch["image"], _labels(batch, config.model)
         sigma_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
         sigma = schedules.edm_sample_sigma(sigma_rng, x.shape[0], ec.p_mean, ec.p_std)
-        noisy = x + _bcast(sigma, x) * jax.random.normal(noise_rng, x.shape, x.dtype)
+        n = karras.per_example(sigma, x) * jax.random.normal(noise_rng, x.shape, x.dtype)
+        noisy = x + n
         denoised = precond.edm_denoiser(net, params, noisy, sigma, labels,
                                         sigma_data=kc.sigma_data, train=True,
                                         dropout_rng=dropout_rng)
@@ -99,14 +132,11 @@ def edm_loss(net, config):
     return loss_fn
 
 
-LOSSES = {"ct": consistency_training_loss, "edm": edm_loss}
-
-# Methods whose loss reads a target network θ⁻ (the trainer keeps one only for these).
-METHODS_WITH_TARGET = ("ct",)
+LOSSES = {"ct": consistency_training_loss, "cd": consistency_distillation_loss, "edm": edm_loss}
 
 
-def get_loss_fn(net, config):
-    """The loss builder for config.method, applied to the network and config."""
+def get_loss_fn(net, config, teacher_net=None):
+    """The loss builder for config.method, applied to the network, config and teacher."""
     if config.method not in LOSSES:
         raise ValueError(f"Unknown method {config.method!r}: use one of {sorted(LOSSES)}.")
-    return LOSSES[config.method](net, config)
+    return LOSSES[config.method](net, config, teacher_net)

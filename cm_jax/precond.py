@@ -9,18 +9,13 @@ import jax.numpy as jnp
 from cm_jax import karras
 
 
-def _bcast(v, x):
-    """A per-example [B] factor broadcast against an image batch [B, H, W, C]."""
-    return jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))
-
-
 def _precondition(net, params, x, sigma, scalings, labels, train, dropout_rng):
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
     s = scalings(sigma)
     rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
-    out = net.apply({"params": params}, _bcast(s.c_in, x) * x, s.c_noise, labels,
-                    train=train, rngs=rngs)
-    return _bcast(s.c_skip, x) * x + _bcast(s.c_out, x) * out
+    x_in = karras.per_example(s.c_in, x) * x
+    out = net.apply({"params": params}, x_in, s.c_noise, labels, train=train, rngs=rngs)
+    return karras.per_example(s.c_skip, x) * x + karras.per_example(s.c_out, x) * out
 
 
 def edm_denoiser(net, params, x, sigma, labels=None, *, sigma_data=0.5, train=False,

@@ -14,90 +14,32 @@ import functools
 import os
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import tqdm
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cm_jax import checkpoint, data, losses, metric_logging, models, optim, sampling, schedules
-
-
-# --------------------------------------------------------------------------- state
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array            # int32: optimizer steps taken
-    params: Any                # θ
-    target_params: Any         # θ⁻, None for methods without a target network
-    ema_params: dict           # {ema_key(r): θ_r} evaluation EMAs
-    opt_state: Any
-    rng: jax.Array             # base key; step k draws from fold_in(rng, k)
-
-
-def ema_key(rate):
-    """'0.9999' -> '0_9999': a key that is also a safe checkpoint path component."""
-    return str(rate).replace(".", "_")
-
-
-def ema_update(average, new, rate):
-    """r·average + (1 − r)·new, leaf by leaf."""
-    return jax.tree.map(lambda a, n: rate * a + (1.0 - rate) * n, average, new)
-
-
-def create_mesh(devices=None):
-    """All devices (of all hosts), or the given ones, on one data-parallel axis "data"."""
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
-
-
-def batch_sharding(mesh, steps_per_call=1):
-    """Batches split over "data" (axis 1 when several steps are stacked for lax.scan)."""
-    return NamedSharding(mesh, P("data") if steps_per_call == 1 else P(None, "data"))
-
-
-def init_train_state(config, net, tx, mesh):
-    """A fresh state, initialised on the devices and replicated over the mesh."""
-    has_target = config.method in losses.METHODS_WITH_TARGET
-    size, channels = config.data.image_size, config.data.num_channels
-
-    def init(rng):
-        params_rng, state_rng = jax.random.split(rng)
-        x = jnp.zeros((1, size, size, channels), jnp.float32)
-        labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
-        params = net.init({"params": params_rng}, x, jnp.zeros((1,)), labels, train=False)["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            target_params=params if has_target else None,
-            ema_params={ema_key(r): params for r in config.train.ema_rates},
-            opt_state=tx.init(params),
-            rng=state_rng)
-
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.train.seed))
-
-
-def count_params(params):
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+from cm_jax import (checkpoint, data, losses, metric_logging, models, optim, sampling, schedules,
+                    teacher)
+from cm_jax.train_state import (batch_sharding, count_params, create_mesh, ema_key, ema_update,
+                                init_params, init_train_state, replicated)
 
 
 # --------------------------------------------------------------------------- one step
-def make_train_step(config, net, tx, lr_schedule, mesh):
-    """jit-compiled (state, batch) -> (state, metrics); scans steps_per_call steps per call."""
-    loss_fn = losses.get_loss_fn(net, config)
+def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
+    """jit-compiled (state, batch, frozen) -> (state, metrics), scanning steps_per_call steps
+    per call; `frozen` is the teacher's parameters for distillation, None otherwise."""
+    loss_fn = losses.get_loss_fn(net, config, teacher_net)
     total_steps = losses.total_curriculum_steps(config)
     ema_rates = tuple(config.train.ema_rates)
 
-    def one_step(state, batch):
+    def one_step(state, batch, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, state.target_params, batch, rng, state.step)
+        (_, metrics), grads = grad_fn(state.params, state.target_params, batch, rng, state.step,
+                                      frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = {ema_key(r): ema_update(state.ema_params[ema_key(r)], params, r)
@@ -112,15 +54,14 @@ def make_train_step(config, net, tx, lr_schedule, mesh):
                                   ema_params=ema_params, opt_state=opt_state)
         return new_state, metrics
 
-    def multi_step(state, batches):
-        state, metrics = jax.lax.scan(one_step, state, batches)
+    def multi_step(state, batches, frozen):
+        state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, frozen), state, batches)
         return state, jax.tree.map(jnp.mean, metrics)
 
-    replicated = NamedSharding(mesh, P())
     spc = config.train.steps_per_call
     return jax.jit(one_step if spc == 1 else multi_step,
-                   in_shardings=(replicated, batch_sharding(mesh, spc)),
-                   out_shardings=(replicated, replicated),
+                   in_shardings=(replicated(mesh), batch_sharding(mesh, spc), replicated(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)),
                    donate_argnums=0)
 
 
@@ -182,6 +123,16 @@ def validate_config(config):
         raise ValueError(f"train.ema_rates={tuple(t.ema_rates)} must lie in [0, 1).")
 
 
+def _check_same_architecture(config, net, params):
+    """Starting the student from the teacher's weights needs the same parameter shapes."""
+    expected = jax.eval_shape(lambda: init_params(config, net, jax.random.PRNGKey(0)))
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+    if shapes(expected) != shapes(params):
+        raise ValueError("teacher.init_student=True, but config.model builds a network whose "
+                         "parameters differ from the teacher's; match the teacher's model or set "
+                         "--config.teacher.init_student=False.")
+
+
 def data_meta(config):
     """What the step-indexed data order depends on; stored with each checkpoint."""
     return {"data_seed": int(config.data.seed), "batch_size": int(config.train.batch_size)}
@@ -202,7 +153,15 @@ def train_and_evaluate(config, workdir):
     mesh = create_mesh()
     net = models.create_model(config.model)
     tx, lr_schedule = optim.make_optimizer(config.optim)
-    state = init_train_state(config, net, tx, mesh)
+    teacher_net, teacher_params = None, None
+    if config.method == "cd":
+        teacher_net, _, teacher_params = teacher.load_teacher(config.teacher, mesh)
+        logging.info("Teacher: %s", config.teacher.workdir)
+    initial = None
+    if config.method == "cd" and config.teacher.init_student:
+        initial = teacher_params
+        _check_same_architecture(config, net, initial)
+    state = init_train_state(config, net, tx, mesh, initial_params=initial)
     logging.info("%s: %s parameters, %d devices", config.model.name,
                  f"{count_params(state.params):,}", jax.device_count())
 
@@ -216,7 +175,8 @@ def train_and_evaluate(config, workdir):
         logging.info("Resumed from step %d.", int(state.step))
 
     dataset = data.load_split(config.data)
-    train_step = make_train_step(config, net, tx, lr_schedule, mesh)
+    step_fn = make_train_step(config, net, tx, lr_schedule, mesh, teacher_net)
+    train_step = lambda state, batch: step_fn(state, batch, teacher_params)
     sample_fn = make_sample_fn(config, net) if config.train.sample_every else None
     writer = metric_logging.create_writer(workdir)
     try:

@@ -24,7 +24,8 @@ def tiny_ncsnpp(nf=16):
 
 def base_config():
     c = ml_collections.ConfigDict()
-    # "ct" (CT and iCT; the schedule/loss fields pick the recipe) or "edm" (diffusion teacher).
+    # "ct" (CT and iCT; the schedule/loss fields pick the recipe), "cd" (distillation from an
+    # EDM teacher) or "edm" (the diffusion teacher itself).
     c.method = "ct"
 
     c.data = dict(
@@ -59,6 +60,13 @@ def base_config():
     c.optim = dict(name="radam", lr=4e-4, warmup_steps=0, grad_clip=0.0, beta1=0.9,
                    beta2=0.999, eps=1e-8, weight_decay=0.0)
     c.edm = dict(p_mean=-1.2, p_std=1.2, sample_steps=18)
+    c.teacher = dict(
+        workdir="",               # method="cd": the --workdir of a trained method="edm" run
+        ema_rate=0.0,             # which of its EMAs; 0 = its first
+        step=0,                   # which checkpoint; 0 = the newest
+        solver="heun",            # the teacher's ODE step: heun (CM) | euler
+        init_student=True,        # start θ from the teacher's weights (the official CD runs)
+    )
     c.train = dict(
         batch_size=512,
         num_steps=800_000,
@@ -91,4 +99,28 @@ def apply_test_variant(c):
     c.data.image_size = 16
     c.train.update(batch_size=8, num_steps=4, log_every=2, save_every=2, sample_every=4,
                    num_sample_images=4, ema_rates=(0.9, 0.99))
+    return c
+
+
+def cd_config(distance, lr, variant):
+    """Consistency distillation on CIFAR-10 as the CM paper and the official `cifar10_ve_cd`
+    config: batch 512, RAdam (no warm-up, no clipping), N = 18 fixed, μ = 0 (θ⁻ = sg(θ)),
+    uniform weighting, dropout 0, 800k steps, eval EMA 0.9999, Heun teacher steps, the student
+    initialised from the teacher. The teacher is a `cifar10_edm.py` run: --config.teacher.workdir.
+    """
+    c = base_config()
+    c.method = "cd"
+    c.loss.update(distance=distance, weighting="uniform", index_sampling="uniform")
+    c.schedule.update(kind="fixed", num_scales=18, target_ema=0.0)
+    c.optim.update(name="radam", lr=lr)
+    c.train.update(batch_size=512, num_steps=800_000, ema_rates=(0.9999,))
+    c.teacher.update(solver="heun", init_student=True)
+    if variant == "cpu":
+        apply_cpu_variant(c)
+    elif variant == "test":
+        apply_test_variant(c)
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r}: use cpu or test.")
+    if variant and distance == "lpips":
+        c.loss.distance = "l2"  # LPIPS needs the VGG16 backbone file; small variants use l2.
     return c

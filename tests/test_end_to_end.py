@@ -13,15 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 120
 
 
-def _write_shards(folder):
-    rng = np.random.default_rng(0)
-    os.makedirs(folder)
-    for k in range(2):
-        np.savez(os.path.join(folder, f"train-{k:05d}-of-00002.npz"),
-                 images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8),
-                 labels=rng.integers(0, 10, 40))
-
-
 def _command(workdir, data_dir):
     return [sys.executable, os.path.join(ROOT, "launch.py"),
             f"--config={os.path.join(ROOT, 'configs', 'cifar10_ict.py')}:test",
@@ -70,12 +61,12 @@ def _final_state(workdir):
     import jax
     from ml_collections import config_dict
 
-    from cm_jax import checkpoint, models, optim, trainer
+    from cm_jax import checkpoint, models, optim, train_state
     with open(os.path.join(workdir, "config.json")) as f:
         config = config_dict.ConfigDict(json.load(f))
-    mesh = trainer.create_mesh(jax.devices()[:1])
+    mesh = train_state.create_mesh(jax.devices()[:1])
     tx, _ = optim.make_optimizer(config.optim)
-    template = trainer.init_train_state(config, models.create_model(config.model), tx, mesh)
+    template = train_state.init_train_state(config, models.create_model(config.model), tx, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.latest_step() == NUM_STEPS
     state, _ = ckpt.restore(template)
@@ -83,9 +74,8 @@ def _final_state(workdir):
     return jax.device_get(state)
 
 
-def test_interrupted_runs_resume_exactly(tmp_path):
-    data_dir = str(tmp_path / "data")
-    _write_shards(data_dir)
+def test_interrupted_runs_resume_exactly(tmp_path, tiny_shards):
+    data_dir = tiny_shards
 
     reference = str(tmp_path / "reference")
     _finish(_start(reference, data_dir))

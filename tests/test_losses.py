@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cm_jax import karras, losses, precond
-from configs import cifar10_ct, cifar10_edm, cifar10_ict
+from configs import cifar10_cd_l2, cifar10_ct, cifar10_edm, cifar10_ict
 
 SIZE = 8
 
@@ -91,6 +91,24 @@ def test_ct_loss_vanishes_for_the_exact_consistency_function(recipe, step):
     wrong = losses.get_loss_fn(OracleNet("consistency", error=0.05), config)
     bad, _ = wrong(params, params, _batch(params["x0"]), jax.random.PRNGKey(step), step)
     assert float(bad) > 1e-3, (recipe, float(bad))
+
+
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_cd_loss_vanishes_for_the_exact_student_and_teacher(solver):
+    config = _config(cifar10_cd_l2)
+    config.teacher.solver = solver
+    params = {"x0": _x0()}
+    batch = _batch(params["x0"])
+    loss_fn = losses.get_loss_fn(OracleNet("consistency"), config, OracleNet("edm"))
+    loss, metrics = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, params)
+    assert int(metrics["num_scales"]) == 18
+    assert float(loss) < 1e-9
+    # A teacher that denoises to the wrong image moves the target off the trajectory.
+    wrong = {"x0": params["x0"] + 0.2}
+    bad, _ = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, wrong)
+    assert float(bad) > 1e-4
+    with pytest.raises(ValueError, match="needs a teacher"):
+        losses.get_loss_fn(OracleNet("consistency"), config)
 
 
 def test_edm_loss_vanishes_for_the_exact_denoiser():

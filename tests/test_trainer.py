@@ -4,15 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import checkpoint, data, models, optim, schedules, trainer
+from cm_jax import checkpoint, data, models, optim, train_state, trainer
 from configs import cifar10_ct, cifar10_edm, cifar10_ict
 
 
 def _setup(config, devices):
-    mesh = trainer.create_mesh(devices)
+    mesh = train_state.create_mesh(devices)
     net = models.create_model(config.model)
     tx, lr = optim.make_optimizer(config.optim)
-    state = trainer.init_train_state(config, net, tx, mesh)
+    state = train_state.init_train_state(config, net, tx, mesh)
     return mesh, net, tx, lr, state
 
 
@@ -21,7 +21,7 @@ def _batches(config, mesh, steps):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     dataset = data.ImageDataset(images, np.zeros(64, np.int32))
-    sharding = trainer.batch_sharding(mesh, config.train.steps_per_call)
+    sharding = train_state.batch_sharding(mesh, config.train.steps_per_call)
     with data.TrainIterator(dataset, config.train.batch_size, sharding, 0, 0, True,
                             steps_per_call=config.train.steps_per_call) as it:
         return [batch for _, (_, batch) in zip(range(steps), it)]
@@ -32,7 +32,7 @@ def _run(config, devices, steps=2):
     step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
     metrics = []
     for batch in _batches(config, mesh, steps):
-        state, m = step_fn(state, batch)
+        state, m = step_fn(state, batch, None)
         metrics.append(jax.device_get(m))
     return jax.device_get(state), metrics
 
@@ -67,7 +67,7 @@ def test_update_order_optimizer_then_eval_emas_then_target():
     mesh, net, tx, lr, state0 = _setup(config, jax.devices())
     p0 = jax.device_get(state0.params)
     step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
-    state1, metrics = step_fn(state0, _batches(config, mesh, 1)[0])
+    state1, metrics = step_fn(state0, _batches(config, mesh, 1)[0], None)
     state1 = jax.device_get(state1)
     assert float(metrics["target_ema"]) == pytest.approx(0.81, rel=1e-6)
     assert int(state1.step) == 1
@@ -75,7 +75,7 @@ def test_update_order_optimizer_then_eval_emas_then_target():
     _assert_trees_close(state1.target_params, expected_target, rtol=1e-6, atol=1e-7)
     for rate in config.train.ema_rates:
         expected = jax.tree.map(lambda a, b: rate * a + (1 - rate) * b, p0, state1.params)
-        _assert_trees_close(state1.ema_params[trainer.ema_key(rate)], expected,
+        _assert_trees_close(state1.ema_params[train_state.ema_key(rate)], expected,
                             rtol=1e-6, atol=1e-7)
     moved = [float(np.abs(a - b).max()) for a, b in
              zip(jax.tree.leaves(p0), jax.tree.leaves(state1.params))]

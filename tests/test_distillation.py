@@ -1,0 +1,62 @@
+"""Consistency distillation end to end, in process: train a tiny EDM teacher, then distil it."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cm_jax import models, optim, teacher, trainer
+from cm_jax.train_state import create_mesh, init_train_state
+from configs import cifar10_cd_l2, cifar10_edm
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tmp_path_factory, tiny_shards):
+    workdir = str(tmp_path_factory.mktemp("edm"))
+    config = cifar10_edm.get_config("test")
+    config.data.dir = tiny_shards
+    trainer.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_distil_from_a_trained_teacher(teacher_workdir, tiny_shards, tmp_path):
+    config = cifar10_cd_l2.get_config("test")
+    config.data.dir = tiny_shards
+    config.teacher.workdir = teacher_workdir
+    trainer.train_and_evaluate(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["step"] == config.train.num_steps and np.isfinite(rows[-1]["loss"])
+    assert rows[-1]["num_scales"] == 18
+    assert os.path.exists(tmp_path / "samples" / f"step_{config.train.num_steps:08d}.png")
+
+
+def _teacher_config(workdir):
+    c = cifar10_cd_l2.get_config("test").teacher
+    c.workdir = workdir
+    return c
+
+
+def test_student_starts_from_the_teachers_ema(teacher_workdir):
+    config = cifar10_cd_l2.get_config("test")
+    mesh = create_mesh()
+    net, run_config, params = teacher.load_teacher(_teacher_config(teacher_workdir), mesh)
+    assert run_config.method == "edm"
+    tx, _ = optim.make_optimizer(config.optim)
+    state = init_train_state(config, net, tx, mesh, initial_params=params)
+    for tree in (state.params, state.target_params, *state.ema_params.values()):
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config.model.nf = 16
+    with pytest.raises(ValueError, match="parameters differ from the teacher"):
+        trainer._check_same_architecture(config, models.create_model(config.model), params)
+
+
+def test_bad_teachers_are_clear_errors(teacher_workdir, tmp_path):
+    config = _teacher_config(str(tmp_path))
+    with pytest.raises(teacher.TeacherError, match="has no config.json"):
+        teacher.load_teacher(config, create_mesh())
+    config = _teacher_config(teacher_workdir)
+    config.ema_rate = 0.5
+    with pytest.raises(teacher.TeacherError, match="no EMA with rate 0.5"):
+        teacher.load_teacher(config, create_mesh())
