@@ -36,6 +36,9 @@ class Checkpointer:
     def latest_step(self):
         return self._manager.latest_step()
 
+    def all_steps(self):
+        return sorted(self._manager.all_steps())
+
     def save(self, step, state, meta):
         """Start writing `state` at `step` in the background; `wait()` blocks until done."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),

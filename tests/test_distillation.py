@@ -60,3 +60,7 @@ def test_bad_teachers_are_clear_errors(teacher_workdir, tmp_path):
     config.ema_rate = 0.5
     with pytest.raises(teacher.TeacherError, match="no EMA with rate 0.5"):
         teacher.load_teacher(config, create_mesh())
+    config = _teacher_config(teacher_workdir)
+    config.step = 999
+    with pytest.raises(teacher.TeacherError, match="no checkpoint at step 999"):
+        teacher.load_teacher(config, create_mesh())

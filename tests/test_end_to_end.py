@@ -59,18 +59,11 @@ def _wait_for_checkpoint(proc, workdir, timeout=300):
 def _final_state(workdir):
     """The last checkpoint of a run, read back with the config the run wrote."""
     import jax
-    from ml_collections import config_dict
 
-    from cm_jax import checkpoint, models, optim, train_state
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = config_dict.ConfigDict(json.load(f))
+    from cm_jax import runs, train_state
     mesh = train_state.create_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(config.optim)
-    template = train_state.init_train_state(config, models.create_model(config.model), tx, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    assert ckpt.latest_step() == NUM_STEPS
-    state, _ = ckpt.restore(template)
-    ckpt.close()
+    _, _, state = runs.restore_run(workdir, mesh)
+    assert int(state.step) == NUM_STEPS
     return jax.device_get(state)
 
 

@@ -1,0 +1,52 @@
+"""A finished (or running) training run, read back from its workdir: the config it wrote and
+the state of one of its checkpoints. Teachers, samplers and evaluators start here.
+"""
+import json
+import os
+
+from ml_collections import config_dict
+
+from cm_jax import checkpoint, models, optim
+from cm_jax.train_state import ema_key, init_train_state
+
+
+class RunError(ValueError):
+    """A workdir that cannot serve as asked; the message names the problem."""
+
+
+def read_run_config(workdir):
+    """The config.json a run wrote into its workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise RunError(f"{workdir!r} has no config.json: give the --workdir of a training run.")
+    with open(path, encoding="utf-8") as f:
+        return config_dict.ConfigDict(json.load(f))
+
+
+def restore_run(workdir, mesh, step=None):
+    """(config, network, state) of the run's checkpoint `step` (None or 0: the newest),
+    replicated over `mesh`."""
+    config = read_run_config(workdir)
+    net = models.create_model(config.model)
+    tx, _ = optim.make_optimizer(config.optim)
+    template = init_train_state(config, net, tx, mesh)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        available = ckpt.all_steps()
+        if step and step not in available:
+            raise RunError(f"{workdir!r} has no checkpoint at step {step}; it has {available}.")
+        restored = ckpt.restore(template, step or None)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise RunError(f"{workdir!r} has no checkpoint yet.")
+    return config, net, restored[0]
+
+
+def ema_params(config, state, rate=None):
+    """The evaluation EMA with `rate` (None or 0: the run's first)."""
+    rate = rate or config.train.ema_rates[0]
+    if ema_key(rate) not in state.ema_params:
+        raise RunError(f"The run has no EMA with rate {rate}; it has "
+                       f"{list(config.train.ema_rates)}.")
+    return state.ema_params[ema_key(rate)]
