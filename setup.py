@@ -16,6 +16,7 @@ setup(
         "clu>=0.0.12",
         "absl-py",
         "numpy>=1.26",
+        "scipy",
         "pillow",
         "tqdm",
     ],

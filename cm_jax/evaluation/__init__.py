@@ -1,0 +1,3 @@
+"""Evaluation of generative models: the TF-Inception FID network in Flax (``inception``), its
+weight converter (``convert_inception``) and the metric math: FID, sFID, precision/recall, KID
+and the Inception Score (``fid``)."""
