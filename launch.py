@@ -5,7 +5,9 @@
 
 Any config field can be overridden as --config.a.b=value. Everything a run writes goes to
 --workdir: config.json, checkpoints/, metrics.jsonl, tensorboard/ and samples/. Re-running the
-same command resumes from the newest checkpoint there.
+same command resumes from the newest checkpoint there. --mode=sample and --mode=edit read the
+trained run in --workdir (its own config.json builds the model) and take their options from
+the config's `sample` and `edit` sections.
 """
 import logging as py_logging
 
@@ -16,7 +18,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally file.py:variant.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "edit"],
+                  "train: train (or resume) the run in --workdir; sample / edit: use its "
+                  "checkpoints (config.sample / config.edit choose how).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,13 +35,17 @@ def main(argv):
     logging.get_absl_handler().addFilter(_quiet_orbax)
     # Imported here so that --help answers without initialising JAX.
     import jax
-    from cm_jax import trainer
+    from cm_jax import generate, trainer
 
     jax.config.parse_flags_with_absl()
     logging.info("JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(),
                  jax.devices())
     if FLAGS.mode == "train":
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+        generate.run_sample(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "edit":
+        generate.run_edit(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Distance metrics d(x, y) between the online and target outputs, one value per example.
 
 Every metric takes two [B, H, W, C] arrays and returns [B]. The consistency losses look them up
-by name (`get_distance`), so a new metric (LPIPS arrives with consistency distillation) is one
-more entry in `DISTANCES`.
+by name (`get_distance`), so a new weight-free metric is one more entry in `DISTANCES`. LPIPS,
+which needs network weights, lives in lpips.py and is wired by `losses.metric`.
 """
 import math
 
@@ -49,11 +49,6 @@ def get_distance(name, huber_c=None):
     if name == "pseudo_huber":
         c = None if huber_c is None or huber_c < 0 else float(huber_c)
         return lambda x, y: pseudo_huber(x, y, c)
-    if name == "lpips":
-        raise NotImplementedError(
-            "The LPIPS metric arrives with consistency distillation (issue 5) and needs a "
-            "user-supplied VGG16 backbone; meanwhile run with --config.loss.distance=l2 "
-            "(or l1, pseudo_huber).")
     if name not in DISTANCES:
         raise ValueError(f"Unknown distance {name!r}: use one of {sorted(DISTANCES)}.")
     return DISTANCES[name]

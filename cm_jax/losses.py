@@ -3,8 +3,10 @@
     loss_fn(params, target_params, batch, rng, step, frozen=None) -> (loss, metrics)
 
 where batch = {'image': [B,H,W,C] in [−1, 1], 'label': [B]}, rng is this step's key, step
-the (possibly traced) optimizer step k that drives the curricula, and frozen the parameters of
-a fixed network the method reads (CD's teacher). Methods:
+the (possibly traced) optimizer step k that drives the curricula, and frozen a dict with the
+parameters of the fixed networks the method reads: "teacher" (CD) and "lpips" (the LPIPS
+metric). They enter as arguments, not closures, so they are not baked into the compiled step.
+Methods:
 
 - "edm": EDM denoising score matching, to train the diffusion teacher (Karras et al. 2022).
 - "ct":  consistency training (CM Algorithm 3) and its iCT refinements, chosen by config:
@@ -16,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cm_jax import distances, karras, ode, precond, schedules
+from cm_jax import distances, karras, lpips, ode, precond, schedules
 
 
 def _labels(batch, model_config):
@@ -26,6 +28,15 @@ def _labels(batch, model_config):
 def total_curriculum_steps(config):
     """K in the curricula: schedule.total_steps, or the run's length when it is 0."""
     return int(config.schedule.total_steps or config.train.num_steps)
+
+
+def metric(loss_config):
+    """d(x, y, frozen) -> [B]: LPIPS reads its VGG16 weights from frozen["lpips"]."""
+    if loss_config.distance == "lpips":
+        return lambda x, y, frozen: lpips.lpips_distance(frozen["lpips"], x, y,
+                                                         resize_to=loss_config.lpips_resize)
+    distance = distances.get_distance(loss_config.distance, loss_config.huber_c)
+    return lambda x, y, frozen: distance(x, y)
 
 
 def _consistency_loss(net, config, target_input):
@@ -40,7 +51,7 @@ def _consistency_loss(net, config, target_input):
     """
     kc, lc, sc = config.karras, config.loss, config.schedule
     grid = dict(sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho)
-    distance = distances.get_distance(lc.distance, lc.huber_c)
+    distance = metric(lc)
     max_scales = schedules.max_num_scales(sc)
     total_steps = total_curriculum_steps(config)
     f = functools.partial(precond.consistency_fn, net, sigma_data=kc.sigma_data,
@@ -63,7 +74,7 @@ def _consistency_loss(net, config, target_input):
         target = jax.lax.stop_gradient(target)
 
         weight = schedules.pair_weight(sigma_lo, sigma_hi, lc.weighting)
-        per_example = weight * distance(online, target)
+        per_example = weight * distance(online, target, frozen)
         loss = jnp.mean(per_example)
         return loss, {"loss": loss, "num_scales": num_scales,
                       "unweighted_distance": jnp.mean(per_example / weight)}
@@ -89,8 +100,8 @@ def consistency_distillation_loss(net, config, teacher_net):
     """L_CD (CM Algorithm 2): the target input is one step of the teacher's PF-ODE from σ_{i+1}
     to σ_i (Heun by default, as the paper; `teacher.solver=euler` for the first-order one).
 
-    `frozen` is the teacher's parameters (its evaluation EMA); the teacher runs deterministic
-    (no dropout), as an ODE solver must.
+    frozen["teacher"] holds the teacher's parameters (its evaluation EMA); the teacher runs
+    deterministic (no dropout), as an ODE solver must.
     """
     if teacher_net is None:
         raise ValueError("method 'cd' needs a teacher: set config.teacher.workdir.")
@@ -98,7 +109,7 @@ def consistency_distillation_loss(net, config, teacher_net):
     sigma_data = config.karras.sigma_data
 
     def teacher_ode_step(frozen, x, z, x_hi, sigma_hi, sigma_lo, labels):
-        denoise = lambda v, s: precond.edm_denoiser(teacher_net, frozen, v, s, labels,
+        denoise = lambda v, s: precond.edm_denoiser(teacher_net, frozen["teacher"], v, s, labels,
                                                     sigma_data=sigma_data)
         return solver(denoise, x_hi, sigma_hi, sigma_lo)
 

@@ -21,8 +21,8 @@ import optax
 import tqdm
 from absl import logging
 
-from cm_jax import (checkpoint, data, losses, metric_logging, models, optim, sampling, schedules,
-                    teacher)
+from cm_jax import (checkpoint, data, losses, lpips, metric_logging, models, optim, sampling,
+                    schedules, teacher)
 from cm_jax.train_state import (batch_sharding, count_params, create_mesh, ema_key, ema_update,
                                 init_params, init_train_state, replicated)
 
@@ -30,7 +30,7 @@ from cm_jax.train_state import (batch_sharding, count_params, create_mesh, ema_k
 # --------------------------------------------------------------------------- one step
 def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
     """jit-compiled (state, batch, frozen) -> (state, metrics), scanning steps_per_call steps
-    per call; `frozen` is the teacher's parameters for distillation, None otherwise."""
+    per call; `frozen` holds the fixed networks' parameters (`load_frozen_networks`)."""
     loss_fn = losses.get_loss_fn(net, config, teacher_net)
     total_steps = losses.total_curriculum_steps(config)
     ema_rates = tuple(config.train.ema_rates)
@@ -123,6 +123,19 @@ def validate_config(config):
         raise ValueError(f"train.ema_rates={tuple(t.ema_rates)} must lie in [0, 1).")
 
 
+def load_frozen_networks(config, mesh):
+    """(teacher network or None, frozen) where frozen holds the parameters the loss reads but
+    never trains: "teacher" (CD's EDM teacher) and "lpips" (the LPIPS VGG16), replicated."""
+    teacher_net, frozen = None, {}
+    if config.method == "cd":
+        teacher_net, _, frozen["teacher"] = teacher.load_teacher(config.teacher, mesh)
+        logging.info("Teacher: %s", config.teacher.workdir)
+    if config.method != "edm" and config.loss.distance == "lpips":
+        params = lpips.load_lpips_params(config.loss.lpips_vgg_path)
+        frozen["lpips"] = jax.device_put(params, replicated(mesh))
+    return teacher_net, frozen
+
+
 def _check_same_architecture(config, net, params):
     """Starting the student from the teacher's weights needs the same parameter shapes."""
     expected = jax.eval_shape(lambda: init_params(config, net, jax.random.PRNGKey(0)))
@@ -147,19 +160,13 @@ def train_and_evaluate(config, workdir):
     """Train config.method for config.train.num_steps, resuming from workdir if it has a state."""
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        write_config(config, workdir)
-
     mesh = create_mesh()
     net = models.create_model(config.model)
     tx, lr_schedule = optim.make_optimizer(config.optim)
-    teacher_net, teacher_params = None, None
-    if config.method == "cd":
-        teacher_net, _, teacher_params = teacher.load_teacher(config.teacher, mesh)
-        logging.info("Teacher: %s", config.teacher.workdir)
+    teacher_net, frozen = load_frozen_networks(config, mesh)
     initial = None
     if config.method == "cd" and config.teacher.init_student:
-        initial = teacher_params
+        initial = frozen["teacher"]
         _check_same_architecture(config, net, initial)
     state = init_train_state(config, net, tx, mesh, initial_params=initial)
     logging.info("%s: %s parameters, %d devices", config.model.name,
@@ -173,10 +180,14 @@ def train_and_evaluate(config, workdir):
             logging.warning("Resuming with data settings %s, the checkpoint has %s: the batch "
                             "order will differ from the interrupted run.", data_meta(config), meta)
         logging.info("Resumed from step %d.", int(state.step))
+    # Written only once the state is known to fit, so a mistaken command cannot overwrite the
+    # config of the run it failed to resume.
+    if jax.process_index() == 0:
+        write_config(config, workdir)
 
     dataset = data.load_split(config.data)
     step_fn = make_train_step(config, net, tx, lr_schedule, mesh, teacher_net)
-    train_step = lambda state, batch: step_fn(state, batch, teacher_params)
+    train_step = lambda state, batch: step_fn(state, batch, frozen)
     sample_fn = make_sample_fn(config, net) if config.train.sample_every else None
     writer = metric_logging.create_writer(workdir)
     try:

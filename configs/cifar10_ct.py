@@ -7,8 +7,9 @@ dropout 0, the adaptive curriculum s0 = 2 → s1 = 150 with μ0 = 0.9, uniform w
 μ(k) formula: "official" (exp(s0·ln μ0/(N−1)), what produced the published FID); set
 --config.schedule.mu_formula=paper for the formula as printed in the paper.
 
-Metric: the paper uses LPIPS, which arrives with consistency distillation (issue 5). Until then
-this config stops with a clear error; --config.loss.distance=l2 runs the l2 variant.
+Metric: LPIPS, as the paper. It needs the ImageNet VGG16 backbone, which no package ships: give
+its file with --config.loss.lpips_vgg_path (see cm_jax/lpips.py); --config.loss.distance=l2
+runs the l2 variant instead.
 
 Variants: `cifar10_ct.py` (paper), `cifar10_ct.py:cpu` (tiny model, l2, minutes on a CPU),
 `cifar10_ct.py:test` (test suite).

@@ -42,8 +42,10 @@ def base_config():
     c.model = ncsnpp_cifar10()
     c.karras = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5)
     c.loss = dict(
-        distance="l2",            # l2 | l1 | pseudo_huber | lpips (arrives with CD)
+        distance="l2",            # l2 | l1 | pseudo_huber | lpips
         huber_c=-1.0,             # pseudo_huber's c; < 0: iCT's 0.00054·√d
+        lpips_vgg_path="",        # LPIPS: torchvision vgg16 state dict (.pth) or converted npz
+        lpips_resize=224,         # LPIPS: images smaller than this are resized up to it
         weighting="uniform",      # uniform | ict (1/Δσ) | snr | snrp1 | truncated_snr
         index_sampling="uniform", # uniform | lognormal (iCT)
         p_mean=-1.1,              # lognormal pair sampling (iCT)
@@ -66,6 +68,35 @@ def base_config():
         step=0,                   # which checkpoint; 0 = the newest
         solver="heun",            # the teacher's ODE step: heun (CM) | euler
         init_student=True,        # start θ from the teacher's weights (the official CD runs)
+    )
+    # --mode=sample (launch.py): which checkpoint and EMA, and the time points.
+    c.sample = dict(
+        num_samples=64,
+        batch_size=256,
+        sigmas=(),                # Decreasing σ's of CM Algorithm 1, e.g. (80.0, 0.821); () = one step
+        ts=(),                    # Or the official indices into a num_scales grid, e.g. (0, 22, 39)
+        num_scales=0,
+        edm_steps=18,             # EDM teacher runs: Heun/Euler steps
+        edm_solver="heun",
+        seed=0,
+        ema_rate=0.0,             # 0 = the run's first evaluation EMA
+        checkpoint_step=0,        # 0 = the newest checkpoint
+        out_dir="",               # "" = workdir/samples
+    )
+    # --mode=edit: zero-shot editing (cm_jax/editing.py) of user images.
+    c.edit = dict(
+        task="inpainting",        # inpainting | colorization | superres | stroke | interpolation | denoising
+        images="",                # npz (images or arr_0, uint8 NHWC) or PNG files (glob or a,b,c)
+        sigmas=(80.0, 10.0, 2.0, 0.5),  # stroke: the first is σ at which the guide is noised
+        mask="center",            # inpainting: center | left_half
+        mask_png="",              # inpainting: a mask image instead (white = known)
+        factor=2,                 # superres: patch size
+        num_frames=8,             # interpolation: frames per pair
+        num_pairs=4,              # interpolation: pairs of random latents
+        seed=0,
+        ema_rate=0.0,
+        checkpoint_step=0,
+        out_dir="",               # "" = workdir/edits
     )
     c.train = dict(
         batch_size=512,

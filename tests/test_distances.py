@@ -32,8 +32,6 @@ def test_pseudo_huber_custom_c_and_zero():
     assert float(distances.pseudo_huber(x, x)[0]) == 0.0
 
 
-def test_unknown_and_lpips_distances_are_clear_errors():
+def test_unknown_distance_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown distance 'l3'"):
         distances.get_distance("l3")
-    with pytest.raises(NotImplementedError, match="LPIPS"):
-        distances.get_distance("lpips")

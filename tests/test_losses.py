@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import karras, losses, precond
+from cm_jax import karras, losses, lpips, precond
 from configs import cifar10_cd_l2, cifar10_ct, cifar10_edm, cifar10_ict
 
 SIZE = 8
@@ -100,12 +100,12 @@ def test_cd_loss_vanishes_for_the_exact_student_and_teacher(solver):
     params = {"x0": _x0()}
     batch = _batch(params["x0"])
     loss_fn = losses.get_loss_fn(OracleNet("consistency"), config, OracleNet("edm"))
-    loss, metrics = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, params)
+    loss, metrics = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, {"teacher": params})
     assert int(metrics["num_scales"]) == 18
     assert float(loss) < 1e-9
     # A teacher that denoises to the wrong image moves the target off the trajectory.
     wrong = {"x0": params["x0"] + 0.2}
-    bad, _ = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, wrong)
+    bad, _ = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, {"teacher": wrong})
     assert float(bad) > 1e-4
     with pytest.raises(ValueError, match="needs a teacher"):
         losses.get_loss_fn(OracleNet("consistency"), config)
@@ -162,3 +162,15 @@ def test_unknown_method_is_a_clear_error():
     config.method = "gan"
     with pytest.raises(ValueError, match="Unknown method 'gan'"):
         losses.get_loss_fn(ToyNet(), config)
+
+
+def test_lpips_metric_reads_its_weights_from_frozen():
+    config = _config(cifar10_ct, distance="lpips", lpips_resize=32)
+    params = {"x0": _x0()}
+    frozen = {"lpips": lpips.init_params(0)}
+    loss_fn = losses.get_loss_fn(OracleNet("consistency"), config)
+    loss, _ = loss_fn(params, params, _batch(params["x0"], n=4), jax.random.PRNGKey(0), 3, frozen)
+    assert float(loss) < 1e-6
+    wrong = losses.get_loss_fn(OracleNet("consistency", error=0.05), config)
+    bad, _ = wrong(params, params, _batch(params["x0"], n=4), jax.random.PRNGKey(0), 3, frozen)
+    assert float(bad) > 1e-6

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import checkpoint, data, models, optim, train_state, trainer
+from cm_jax import checkpoint, data, lpips, models, optim, train_state, trainer
 from configs import cifar10_ct, cifar10_edm, cifar10_ict
 
 
@@ -138,3 +138,10 @@ def test_checkpoint_of_another_model_is_a_clear_error_and_is_kept(tmp_path):
         ckpt.restore(other)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     ckpt.close()
+
+
+def test_lpips_without_vgg_weights_is_a_clear_error():
+    config = cifar10_ct.get_config("test")
+    config.loss.distance = "lpips"
+    with pytest.raises(lpips.LPIPSWeightsError, match="lpips_vgg_path is empty"):
+        trainer.load_frozen_networks(config, train_state.create_mesh())

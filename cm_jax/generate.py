@@ -1,0 +1,260 @@
+"""Sampling and editing with a trained run, from Python or `launch.py --mode=sample|edit`.
+
+    from cm_jax.generate import Generator
+    gen = Generator("workdirs/ict_cpu")                 # newest checkpoint, first eval EMA
+    images, labels = gen.sample(64, sigmas=(80.0, 0.821))  # uint8 [64, H, W, C]
+    edited = gen.edit("inpainting", images, sigmas=(80.0, 10.0, 1.0), mask="center")
+
+Samples are sharded over all devices. Sample i always comes from the noise of index i
+(sampling.sample_noise), so the same seed gives the same images whatever the batch size or the
+number of devices.
+"""
+import functools
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from cm_jax import data, editing, metric_logging, runs, sampling
+from cm_jax.train_state import batch_sharding, create_mesh, replicated
+
+
+class Generator:
+    """A run's evaluation EMA, ready to sample and edit."""
+
+    def __init__(self, workdir, step=None, ema_rate=None, devices=None):
+        self.mesh = create_mesh(devices)
+        self.config, self.net, state = runs.restore_run(workdir, self.mesh, step)
+        self.step = int(state.step)
+        self.params = runs.ema_params(self.config, state, ema_rate)
+        del state
+        k = self.config.karras
+        self.grid = dict(sigma_min=k.sigma_min, sigma_max=k.sigma_max, rho=k.rho)
+        size, channels = self.config.data.image_size, self.config.data.num_channels
+        self.image_shape = (size, size, channels)
+
+    @property
+    def is_diffusion_model(self):
+        return self.config.method == "edm"
+
+    # ------------------------------------------------------------------ time points
+    def time_points(self, sigmas=None, ts=None, num_scales=None):
+        """The σ's of consistency sampling: given directly, or as official `ts` indices into a
+        num_scales-point grid; one step from σ_max when neither is given."""
+        if ts:
+            if not num_scales:
+                raise ValueError("ts indices need num_scales, the size of the grid they index.")
+            return sampling.sigmas_from_indices(tuple(ts), num_scales, **self.grid)
+        sigmas = tuple(sigmas) if sigmas else (self.grid["sigma_max"],)
+        return sampling.validate_sigmas(sigmas, self.grid["sigma_max"], self.grid["sigma_min"])
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, num, sigmas=None, ts=None, num_scales=None, labels=None, seed=0,
+               batch_size=256, edm_steps=18, edm_solver="heun"):
+        """(uint8 images [num, H, W, C], labels or None).
+
+        Consistency models: CM Algorithm 1 over `time_points(sigmas, ts, num_scales)`.
+        EDM teachers: the EDM sampler with `edm_steps` steps (`edm_solver` heun or euler).
+        labels: class labels for a class-conditional model ([num] ints; None draws them).
+        """
+        labels = self._labels(num, labels, seed)
+        if self.is_diffusion_model:
+            fn = self._edm_fn(edm_steps, edm_solver)
+        else:
+            fn = self._consistency_fn(tuple(float(s) for s in self.time_points(sigmas, ts,
+                                                                                num_scales)))
+        images = self._batched(fn, num, batch_size, seed, labels)
+        return images, labels
+
+    def _labels(self, num, labels, seed):
+        num_classes = self.config.model.num_classes
+        if num_classes == 0:
+            if labels is not None:
+                raise ValueError("This model is unconditional: do not pass class labels.")
+            return None
+        if labels is None:
+            return np.random.default_rng(seed).integers(0, num_classes, num).astype(np.int32)
+        labels = np.asarray(labels, np.int32).reshape(-1)
+        if labels.shape[0] != num or labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels must be {num} ints in [0, {num_classes}).")
+        return labels
+
+    @functools.lru_cache(maxsize=8)
+    def _consistency_fn(self, sigmas):
+        k = self.config.karras
+
+        def fn(params, indices, seed, labels):
+            z = sampling.sample_noise(seed, indices, self.image_shape)
+            keys = sampling.sample_keys(seed + 1, indices)
+            x = sampling.multistep_sample(self.net, params, z, jnp.asarray(sigmas), labels,
+                                          noise_rng=keys, sigma_min=k.sigma_min,
+                                          sigma_data=k.sigma_data)
+            return data.to_uint8(x)
+
+        return self._jit(fn)
+
+    @functools.lru_cache(maxsize=8)
+    def _edm_fn(self, num_steps, solver):
+        k = self.config.karras
+        sampler = {"heun": sampling.edm_heun_sample, "euler": sampling.edm_euler_sample}[solver]
+
+        def fn(params, indices, seed, labels):
+            z = sampling.sample_noise(seed, indices, self.image_shape)
+            x = sampler(self.net, params, z, labels, num_steps=num_steps, sigma_min=k.sigma_min,
+                        sigma_max=k.sigma_max, rho=k.rho, sigma_data=k.sigma_data)
+            return data.to_uint8(x)
+
+        return self._jit(fn)
+
+    def _jit(self, fn):
+        split, whole = batch_sharding(self.mesh), replicated(self.mesh)
+        return jax.jit(fn, in_shardings=(whole, split, whole, split), out_shardings=split)
+
+    def _batched(self, fn, num, batch_size, seed, labels):
+        """Run fn over indices 0..num−1 in batches padded to a multiple of the device count."""
+        devices = self.mesh.devices.size
+        batch_size = max(devices, (batch_size // devices) * devices)
+        out = []
+        for start in range(0, num, batch_size):
+            indices = np.arange(start, start + batch_size)
+            batch_labels = None
+            if labels is not None:
+                batch_labels = np.resize(labels[start:start + batch_size], batch_size)
+            images = fn(self.params, indices.astype(np.int32), np.int32(seed), batch_labels)
+            out.append(np.asarray(jax.device_get(images))[:num - start])
+        return np.concatenate(out)[:num]
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, task, images, sigmas, seed=0, labels=None, **options):
+        """Apply editing.TASKS[task] to uint8 images [B, H, W, C] (for "interpolation": a pair
+        of latents [2, B, H, W, C], or None to draw them from `seed`). Returns uint8."""
+        if self.is_diffusion_model:
+            raise ValueError("Editing needs a consistency model; this run is an EDM teacher.")
+        if task not in editing.TASKS:
+            raise ValueError(f"Unknown editing task {task!r}: use one of {sorted(editing.TASKS)}.")
+        sigmas = self.time_points(sigmas) if task != "denoising" else np.asarray(sigmas,
+                                                                               np.float32)
+        k = self.config.karras
+        f = sampling.bind_consistency_fn(self.net, self.params, labels, sigma_data=k.sigma_data,
+                                         sigma_min=k.sigma_min)
+        if task == "interpolation":
+            y = images if images is not None else self._latent_pair(seed, options)
+        else:
+            y = data.normalize(self._check_images(images))
+        if task == "inpainting" and isinstance(options.get("mask"), str):
+            options["mask"] = editing.MASKS[options["mask"]](self.image_shape[0])
+        batch = y.shape[1] if task == "interpolation" else y.shape[0]
+        rng = sampling.sample_keys(seed, np.arange(batch))
+        run = jax.jit(lambda y, rng: editing.TASKS[task](f, y, jnp.asarray(sigmas), rng,
+                                                         sigma_min=k.sigma_min, **options))
+        return np.asarray(jax.device_get(data.to_uint8(run(y, rng))))
+
+    def _check_images(self, images):
+        images = np.asarray(images)
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"Images to edit must be [B, {', '.join(map(str, self.image_shape))}]"
+                             f" to match the model, got {images.shape}.")
+        if images.dtype != np.uint8:
+            raise ValueError(f"Images to edit must be uint8, got {images.dtype}.")
+        return images
+
+    def _latent_pair(self, seed, options):
+        count = int(options.pop("num_pairs", 1))
+        z = sampling.sample_noise(seed, np.arange(2 * count), self.image_shape)
+        return jnp.stack([z[:count], z[count:]])
+
+
+# ---------------------------------------------------------------------- launch.py modes
+def run_sample(config, workdir):
+    """--mode=sample: config.sample.num_samples images from the run in workdir, written as
+    `samples_NxHxWxC.npz` (arr_0 images uint8, arr_1 labels when class-conditional, the layout
+    of the official samplers and evaluators) and a PNG grid of the first 64."""
+    s = config.sample
+    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None)
+    images, labels = gen.sample(s.num_samples, sigmas=tuple(s.sigmas), ts=tuple(s.ts),
+                                num_scales=s.num_scales, seed=s.seed, batch_size=s.batch_size,
+                                edm_steps=s.edm_steps, edm_solver=s.edm_solver)
+    out_dir = s.out_dir or os.path.join(workdir, "samples")
+    name = "samples_" + "x".join(str(d) for d in images.shape)
+    return _write(out_dir, name, images[:64], arr_0=images,
+                  **({} if labels is None else {"arr_1": labels}))
+
+
+def run_edit(config, workdir):
+    """--mode=edit: config.edit.task on the images of config.edit.images (an npz with `images`
+    or `arr_0`, or PNG files: a glob or comma-separated paths). Writes the results as npz and
+    a PNG grid whose rows are input | mask or guide | result."""
+    e = config.edit
+    gen = Generator(workdir, e.checkpoint_step or None, e.ema_rate or None)
+    options = _edit_options(e, gen)
+    images = None if e.task == "interpolation" else load_images(e.images)
+    result = gen.edit(e.task, images, sigmas=tuple(e.sigmas), seed=e.seed, **options)
+    out_dir = e.out_dir or os.path.join(workdir, "edits")
+    if e.task == "interpolation":
+        grid = result.reshape((-1,) + result.shape[2:])  # One row of frames per pair.
+        return _write(out_dir, e.task, grid, columns=result.shape[1], arr_0=result)
+    guide = _guide_images(e.task, images, options)
+    rows = np.stack([images, guide, result], axis=1).reshape((-1,) + images.shape[1:])
+    return _write(out_dir, e.task, rows, columns=3, arr_0=result)
+
+
+def _edit_options(e, gen):
+    if e.task == "inpainting":
+        if e.mask_png:
+            return {"mask": editing.mask_from_pixels(load_images(e.mask_png)[0])}
+        return {"mask": e.mask}
+    if e.task == "superres":
+        return {"factor": e.factor}
+    if e.task == "interpolation":
+        return {"num_frames": e.num_frames, "num_pairs": e.num_pairs}
+    return {}
+
+
+def _guide_images(task, images, options):
+    """What the edit was given besides the image: the masked input, gray, low-res, or as is."""
+    x = data.normalize(images)
+    if task == "inpainting":
+        mask = options["mask"]
+        if isinstance(mask, str):
+            mask = editing.MASKS[mask](images.shape[1])
+        x = x * np.asarray(mask).reshape(mask.shape[0], mask.shape[1], -1)
+    elif task == "colorization":
+        x = np.repeat(np.asarray(editing.luma(x))[..., None], images.shape[-1], axis=-1)
+    elif task == "superres":
+        factor = options["factor"]
+        x = np.asarray(editing.upsample(editing.downsample(x, factor), factor))
+    return np.asarray(data.to_uint8(x))
+
+
+def load_images(source):
+    """uint8 [B, H, W, C] from an npz (`images` or `arr_0`) or PNG files (glob or a,b,c)."""
+    if not source:
+        raise ValueError("No images given: set --config.edit.images to an npz or PNG files.")
+    if source.endswith(".npz"):
+        with np.load(source) as f:
+            key = "images" if "images" in f else "arr_0"
+            if key not in f:
+                raise ValueError(f"{source} has neither `images` nor `arr_0`.")
+            return f[key]
+    paths = sorted(glob.glob(source)) if "*" in source else source.split(",")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise ValueError(f"Image files not found: {missing or source}")
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"The images differ in size: {sorted({a.shape for a in arrays})}")
+    return np.stack(arrays)
+
+
+def _write(out_dir, name, grid_images, columns=None, **arrays):
+    os.makedirs(out_dir, exist_ok=True)
+    npz_path = os.path.join(out_dir, name + ".npz")
+    np.savez(npz_path, **arrays)
+    png_path = os.path.join(out_dir, name + ".png")
+    metric_logging.save_image_grid(grid_images, png_path, columns)
+    logging.info("Wrote %s and %s", npz_path, png_path)
+    return npz_path, png_path
