@@ -18,9 +18,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally file.py:variant.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "edit"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "edit", "stats", "eval"],
                   "train: train (or resume) the run in --workdir; sample / edit: use its "
-                  "checkpoints (config.sample / config.edit choose how).")
+                  "checkpoints (config.sample / config.edit choose how); stats: FID reference "
+                  "statistics of config.data; eval: FID/sFID of the run's samples (config.eval).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,6 +37,7 @@ def main(argv):
     # Imported here so that --help answers without initialising JAX.
     import jax
     from cm_jax import generate, trainer
+    from cm_jax.evaluation import evaluate
 
     jax.config.parse_flags_with_absl()
     logging.info("JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(),
@@ -46,6 +48,10 @@ def main(argv):
         generate.run_sample(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "edit":
         generate.run_edit(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "stats":
+        evaluate.run_stats(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        evaluate.run_eval(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

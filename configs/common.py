@@ -98,6 +98,15 @@ def base_config():
         checkpoint_step=0,
         out_dir="",               # "" = workdir/edits
     )
+    # --mode=stats and --mode=eval (cm_jax/evaluation): FID / sFID with the TF-Inception network.
+    c.eval = dict(
+        ref_stats="",             # eval: reference statistics npz (e.g. from --mode=stats)
+        ref_stats_out="",         # stats: where to write; "" = workdir/eval/ref_<dataset>_<split>.npz
+        samples_npz="",           # eval: score these images (arr_0 or images) instead of sampling
+        num_samples=50_000,       # eval: samples from the run (time points from config.sample)
+        batch_size=250,           # Inception batch, split over the devices
+        inception_path="",        # converted weights; "" = ~/.cache/cm_jax/tf_inception_fid.npz
+    )
     c.train = dict(
         batch_size=512,
         num_steps=800_000,

