@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 
 def karras_sigma(i, num_scales, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """σ_i of the N-point Karras grid, ascending (EDM Eq. 5; CM paper §5, t_i).
+    """σ_i of the N-point Karras grid, ascending (EDM Eq. 5 reversed; the CM paper's t_i).
 
     σ_i = (σ_min^{1/ρ} + i/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ,  i = 0..N−1.
     """

@@ -1,4 +1,4 @@
-"""One step of the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (EDM Eq. 3 with σ(t) = t),
+"""One step of the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (EDM Eqs. 1 and 3, σ(t) = t),
 from σ_from to σ_to, for any denoiser D. Consistency distillation takes one such step with the
 teacher (CM Algorithm 2, the solver Φ); the EDM samplers chain them.
 """

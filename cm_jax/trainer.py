@@ -1,9 +1,9 @@
-"""The trainer: train state, the sharded step, and the loop behind `launch.py --mode=train`.
+"""The trainer: the sharded train step and the loop behind `launch.py --mode=train`.
 
 One step (the official order, CM Algorithms 2-3 and openai/consistency_models `run_step`):
   1. gradient of the loss at θ, optimizer update θ ← θ − η·u;
   2. evaluation EMAs θ_r ← r·θ_r + (1 − r)·θ for every configured rate r;
-  3. target network θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ  (CM Eq. 8; μ = 0 gives iCT's θ⁻ = θ).
+  3. target network θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ  (μ = 0 gives iCT's and CD's θ⁻ = θ).
 
 Sharding: a 1-D device mesh with axis "data". The batch is split over it, everything in the
 state is replicated, and XLA inserts the gradient all-reduce, because the loss is a mean over

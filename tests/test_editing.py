@@ -1,35 +1,21 @@
 """Zero-shot editing (CM Algorithm 4): what each task promises to keep is kept to float precision,
 the bases are orthogonal, the shared mechanism reduces to Algorithm 1, and misuse is named."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cm_jax import editing, sampling
+from tests.toy_networks import tiny_model
 
 SIZE = 16
 SHAPE = (SIZE, SIZE, 3)
 SIGMAS = [80.0, 0.8]
 
 
-class TinyNet(nn.Module):
-    """The NCSN++ call signature in two convolutions (per-sample GroupNorm, noise embedding)."""
-
-    @nn.compact
-    def __call__(self, x, c_noise, labels=None, *, train):
-        emb = nn.Dense(8)(jnp.stack([c_noise, jnp.sin(3.0 * c_noise)], axis=-1))
-        h = nn.Conv(8, (3, 3))(x)
-        h = nn.swish(nn.GroupNorm(num_groups=2)(h) + emb[:, None, None, :])
-        return nn.Conv(x.shape[-1], (3, 3))(h)
-
-
 @pytest.fixture(scope="module")
 def model():
-    net = TinyNet()
-    init = jax.jit(lambda k: net.init(k, jnp.zeros((1,) + SHAPE), jnp.zeros((1,)), train=False))
-    params = init(jax.random.PRNGKey(0))["params"]
-    return net, params
+    return tiny_model(SHAPE)
 
 
 @pytest.fixture(scope="module")

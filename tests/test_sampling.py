@@ -3,36 +3,20 @@ time-point checks, and EDM's Heun / Euler samplers against probability-flow ODEs
 form solutions."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cm_jax import precond, sampling
+from tests.toy_networks import tiny_model
 
 SHAPE = (8, 8, 3)
 
 
-class TinyNet(nn.Module):
-    """The NCSN++ call signature in two convolutions: per-sample GroupNorm and a noise embedding,
-    so a sample's output depends on its own input and σ only, as with the real network."""
-
-    @nn.compact
-    def __call__(self, x, c_noise, labels=None, *, train):
-        emb = nn.Dense(8)(jnp.stack([c_noise, jnp.sin(3.0 * c_noise)], axis=-1))
-        h = nn.Conv(8, (3, 3))(x)
-        h = nn.swish(nn.GroupNorm(num_groups=2)(h) + emb[:, None, None, :])
-        return nn.Conv(x.shape[-1], (3, 3))(h)
-
-
 @pytest.fixture(scope="module")
 def model():
-    net = TinyNet()
-    x = jnp.zeros((1,) + SHAPE)
-    init = jax.jit(lambda k: net.init(k, x, jnp.zeros((1,)), train=False))
-    params = init(jax.random.PRNGKey(0))["params"]
-    return net, params
+    return tiny_model(SHAPE)
 
 
 def _noise(indices, seed=0):
