@@ -18,10 +18,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally file.py:variant.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "edit", "stats", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "edit", "stats", "eval", "search"],
                   "train: train (or resume) the run in --workdir; sample / edit: use its "
                   "checkpoints (config.sample / config.edit choose how); stats: FID reference "
-                  "statistics of config.data; eval: FID/sFID of the run's samples (config.eval).")
+                  "statistics of config.data; eval: FID/sFID of the run's samples (config.eval); "
+                  "search: the two-step middle time point with the lowest FID (config.search).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,7 +44,10 @@ def main(argv):
     logging.info("JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(),
                  jax.devices())
     if FLAGS.mode == "train":
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        hooks = []
+        if FLAGS.config.train.fid_every:
+            hooks.append(evaluate.make_fid_hook(FLAGS.config))
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks)
     elif FLAGS.mode == "sample":
         generate.run_sample(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "edit":
@@ -52,6 +56,8 @@ def main(argv):
         evaluate.run_stats(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
         evaluate.run_eval(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "search":
+        evaluate.run_search(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

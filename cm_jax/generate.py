@@ -27,11 +27,19 @@ class Generator:
     """A run's evaluation EMA, ready to sample and edit."""
 
     def __init__(self, workdir, step=None, ema_rate=None, devices=None):
-        self.mesh = create_mesh(devices)
-        self.config, self.net, state = runs.restore_run(workdir, self.mesh, step)
-        self.step = int(state.step)
-        self.params = runs.ema_params(self.config, state, ema_rate)
-        del state
+        mesh = create_mesh(devices)
+        config, net, state = runs.restore_run(workdir, mesh, step)
+        self._setup(config, net, runs.ema_params(config, state, ema_rate), mesh, int(state.step))
+
+    @classmethod
+    def from_params(cls, config, net, params, mesh, step=0):
+        """A generator of parameters in hand (e.g. a training run's EMA, for FID in training)."""
+        generator = cls.__new__(cls)
+        generator._setup(config, net, params, mesh, step)
+        return generator
+
+    def _setup(self, config, net, params, mesh, step):
+        self.config, self.net, self.params, self.mesh, self.step = config, net, params, mesh, step
         k = self.config.karras
         self.grid = dict(sigma_min=k.sigma_min, sigma_max=k.sigma_max, rho=k.rho)
         size, channels = self.config.data.image_size, self.config.data.num_channels

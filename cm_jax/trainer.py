@@ -112,7 +112,7 @@ def validate_config(config):
     if t.steps_per_call < 1:
         raise ValueError(f"train.steps_per_call={t.steps_per_call} must be at least 1.")
     for name, least in (("num_steps", 1), ("log_every", 1), ("save_every", 1),
-                        ("sample_every", 0)):
+                        ("sample_every", 0), ("fid_every", 0)):
         value = getattr(t, name)
         if value < least or value % t.steps_per_call:
             raise ValueError(f"train.{name}={value} must be a multiple of "
@@ -156,8 +156,13 @@ def write_config(config, workdir):
         f.write(config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config, workdir):
-    """Train config.method for config.train.num_steps, resuming from workdir if it has a state."""
+def train_and_evaluate(config, workdir, hooks=()):
+    """Train config.method for config.train.num_steps, resuming from workdir if it has a state.
+
+    hooks: (every, fn) pairs; fn(step, state) -> {name: scalar} runs every `every` steps and
+    its scalars are logged (launch.py adds the FID evaluator this way, so that the trainer does
+    not depend on the evaluator).
+    """
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = create_mesh()
@@ -191,14 +196,14 @@ def train_and_evaluate(config, workdir):
     sample_fn = make_sample_fn(config, net) if config.train.sample_every else None
     writer = metric_logging.create_writer(workdir)
     try:
-        _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh)
+        _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh, hooks)
     finally:
         ckpt.wait()
         ckpt.close()
         writer.close()
 
 
-def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh):
+def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh, hooks):
     t = config.train
     start = int(state.step)
     if start >= t.num_steps:
@@ -219,6 +224,10 @@ def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, 
                 _log(writer, step, metrics, progress)
             if sample_fn is not None and step % t.sample_every == 0:
                 _save_samples(sample_fn, state, workdir, step, t.ema_rates[0])
+            for every, hook in hooks:
+                if step % every == 0:
+                    writer.write_scalars(step, hook(step, state))
+                    writer.flush()
             stop = step >= t.num_steps or preemption.raised or (
                 jax.process_count() > 1 and ckpt.reached_preemption(step))
             if stop or step % t.save_every == 0:

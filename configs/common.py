@@ -107,6 +107,15 @@ def base_config():
         batch_size=250,           # Inception batch, split over the devices
         inception_path="",        # converted weights; "" = ~/.cache/cm_jax/tf_inception_fid.npz
     )
+    # --mode=search: the two-step middle time point that minimises FID (against eval.ref_stats).
+    c.search = dict(
+        kind="index",             # index: ts = (0, m, N−1) on num_scales | sigma: (σ_max, σ)
+        num_scales=18,            # index: the grid size (18 for CIFAR-10 CD, 40 for ImageNet 64)
+        sigma_lo=0.05,            # sigma: the bracket for σ, searched in ln σ
+        sigma_hi=10.0,
+        iterations=8,             # sigma: rounds of ternary search
+        num_samples=10_000,       # samples per FID
+    )
     c.train = dict(
         batch_size=512,
         num_steps=800_000,
@@ -119,6 +128,8 @@ def base_config():
         sample_seed=42,
         ema_rates=(0.9999,),      # evaluation EMAs; samples use the first
         seed=42,
+        fid_every=0,              # > 0: FID of the first EMA every so many steps (needs eval.ref_stats)
+        fid_num_samples=10_000,
     )
     return c
 

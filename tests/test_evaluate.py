@@ -55,3 +55,47 @@ def test_missing_reference_is_a_clear_error(cifar_shards, tmp_path):
     config.eval.ref_stats = str(tmp_path / "nope.npz")
     with pytest.raises(FileNotFoundError, match="--mode=stats"):
         evaluate.run_eval(config, str(tmp_path))
+
+
+def test_fid_is_logged_during_training(tiny_shards, inception_weights, tmp_path):
+    from cm_jax import trainer
+    _, npz = inception_weights
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), n=10)
+    config = cifar10_ict.get_config("test")
+    config.data.dir = tiny_shards
+    config.train.update(fid_every=2, fid_num_samples=4, sample_every=0)
+    config.eval.update(ref_stats=str(ref), inception_path=npz, batch_size=8)
+    trainer.train_and_evaluate(config, str(tmp_path / "run"),
+                               [evaluate.make_fid_hook(config)])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    fids = {row["step"]: row["fid"] for row in rows if "fid" in row}
+    assert sorted(fids) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fids.values())
+
+
+def test_ternary_search_on_integers_and_reals():
+    calls = []
+    best, value, values = evaluate.ternary_search(lambda x: calls.append(x) or (x - 13) ** 2,
+                                                  1, 38, integer=True)
+    assert best == 13 and value == 0 and len(calls) == len(set(calls)) < 38
+    best, value, _ = evaluate.ternary_search(lambda u: (u - 0.3) ** 2 + 1.0, -3.0, 3.0,
+                                             integer=False, iterations=30)
+    assert best == pytest.approx(0.3, abs=1e-3) and value == pytest.approx(1.0, abs=1e-5)
+
+
+def test_search_mode_records_every_point_and_the_best(tiny_shards, inception_weights, tmp_path):
+    from cm_jax import trainer
+    _, npz = inception_weights
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), n=10)
+    config = cifar10_ict.get_config("test")
+    config.data.dir = tiny_shards
+    config.train.sample_every = 0
+    trainer.train_and_evaluate(config, str(tmp_path))
+    config.eval.update(ref_stats=str(ref), inception_path=npz, batch_size=8)
+    config.search.update(kind="index", num_scales=6, num_samples=4)
+    sigmas, value = evaluate.run_search(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "search.jsonl")]
+    points = {row["x"]: row["fid"] for row in rows if "best" not in row}
+    assert set(points) <= {1.0, 2.0, 3.0, 4.0} and len(points) >= 3
+    assert rows[-1]["fid"] == min(points.values()) == value and len(sigmas) == 2

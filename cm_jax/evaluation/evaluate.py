@@ -149,3 +149,122 @@ def run_eval(config, workdir):
         f.write(json.dumps(row) + "\n")
     logging.info("eval: %s", row)
     return row
+
+
+def make_fid_hook(config):
+    """(every, fn) for trainer.train_and_evaluate: every train.fid_every steps, the FID of
+    train.fid_num_samples samples of the first evaluation EMA (time points from config.sample)
+    against config.eval.ref_stats, logged as `fid`. Reads the reference and loads the network
+    once, before training starts, so a bad path fails at once."""
+    from cm_jax import models  # The trainer's network, rebuilt for sampling.
+    from cm_jax.generate import Generator
+    from cm_jax.train_state import ema_key
+    ref_pool3, _ = _load_reference(config.eval.ref_stats)
+    mesh = create_mesh()
+    extractor = FeatureExtractor(mesh, config.eval.inception_path or None, config.eval.batch_size)
+    net = models.create_model(config.model)
+    rate, s = config.train.ema_rates[0], config.sample
+
+    def fid_of(step, state):
+        gen = Generator.from_params(config, net, state.ema_params[ema_key(rate)], mesh, step)
+        stats = ImageStats(_metadata(extractor))
+        chunk = 10 * extractor.batch_size
+        for start in range(0, config.train.fid_num_samples, chunk):
+            images, _ = gen.sample(min(chunk, config.train.fid_num_samples - start),
+                                   sigmas=tuple(s.sigmas), ts=tuple(s.ts), num_scales=s.num_scales,
+                                   seed=s.seed + start, batch_size=s.batch_size,
+                                   edm_steps=s.edm_steps, edm_solver=s.edm_solver)
+            stats.add(extractor, images)
+        value = fid.fid_from_stats(stats.pool3, ref_pool3)
+        logging.info("step %d: FID %.4f (%d samples, EMA %s)", step, value, stats.pool3.n, rate)
+        return {"fid": value}
+
+    return config.train.fid_every, fid_of
+
+
+# ---------------------------------------------------------------------- --mode=search
+def ternary_search(objective, lo, hi, integer=True, iterations=12):
+    """Minimise a unimodal objective on [lo, hi]; returns (best x, its value, {x: value}).
+
+    integer=True: over the integers lo..hi, shrinking the bracket by a third per round, then
+    trying what is left (as the official `ternary_search.py` does over grid indices).
+    integer=False: `iterations` rounds on the real interval. Every value is computed once.
+    """
+    values = {}
+
+    def f(x):
+        if x not in values:
+            values[x] = float(objective(x))
+        return values[x]
+
+    if integer:
+        while hi - lo > 2:
+            m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+            if f(m1) <= f(m2):
+                hi = m2
+            else:
+                lo = m1
+        candidates = range(lo, hi + 1)
+    else:
+        for _ in range(iterations):
+            m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+            if f(m1) <= f(m2):
+                hi = m2
+            else:
+                lo = m1
+        candidates = [(lo + hi) / 2]
+    for x in candidates:
+        f(x)
+    best = min(values, key=values.get)
+    return best, values[best], values
+
+
+def run_search(config, workdir):
+    """--mode=search: the middle time point of two-step sampling that minimises FID.
+
+    search.kind="index": ts = (0, m, N − 1) on the search.num_scales grid, m searched over the
+    integers 1..N − 2 (the official scripts' search). search.kind="sigma": σ's (σ_max, σ),
+    ternary search over ln σ in [search.sigma_lo, search.sigma_hi]. Each FID uses
+    search.num_samples samples; every evaluation and the best go to workdir/eval/search.jsonl.
+    """
+    from cm_jax.generate import Generator
+    c, s = config.search, config.sample
+    ref_pool3, _ = _load_reference(config.eval.ref_stats)
+    mesh = create_mesh()
+    extractor = FeatureExtractor(mesh, config.eval.inception_path or None, config.eval.batch_size)
+    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None, list(mesh.devices.flat))
+    sigma_max = gen.grid["sigma_max"]
+
+    def sigmas_of(x):
+        if c.kind == "index":
+            return tuple(float(v) for v in gen.time_points(ts=(0, x, c.num_scales - 1),
+                                                          num_scales=c.num_scales))
+        return (sigma_max, float(np.exp(x)))
+
+    def fid_of(x):
+        images, _ = gen.sample(c.num_samples, sigmas=sigmas_of(x), seed=s.seed,
+                               batch_size=s.batch_size)
+        stats = ImageStats(_metadata(extractor))
+        stats.add(extractor, images)
+        value = fid.fid_from_stats(stats.pool3, ref_pool3)
+        logging.info("search: %s -> sigmas %s, FID %.4f", x, sigmas_of(x), value)
+        return value
+
+    if c.kind == "index":
+        best, value, values = ternary_search(fid_of, 1, c.num_scales - 2, integer=True)
+    elif c.kind == "sigma":
+        best, value, values = ternary_search(fid_of, np.log(c.sigma_lo), np.log(c.sigma_hi),
+                                             integer=False, iterations=c.iterations)
+    else:
+        raise ValueError(f"Unknown search.kind {c.kind!r}: use index or sigma.")
+    path = os.path.join(workdir, "eval", "search.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for x, v in sorted(values.items()):
+            f.write(json.dumps({"kind": c.kind, "x": float(x), "sigmas": sigmas_of(x),
+                                "fid": v, "step": gen.step, "num_samples": c.num_samples})
+                    + "\n")
+        f.write(json.dumps({"kind": c.kind, "best": float(best), "sigmas": sigmas_of(best),
+                            "fid": value, "step": gen.step}) + "\n")
+    logging.info("search: best %s (sigmas %s), FID %.4f", best, sigmas_of(best), value)
+    return sigmas_of(best), value
