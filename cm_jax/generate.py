@@ -62,30 +62,31 @@ class Generator:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, num, sigmas=None, ts=None, num_scales=None, labels=None, seed=0,
-               batch_size=256, edm_steps=18, edm_solver="heun"):
-        """(uint8 images [num, H, W, C], labels or None).
+               batch_size=256, edm_steps=18, edm_solver="heun", first_index=0):
+        """(uint8 images [num, H, W, C], labels or None): samples first_index … first_index+num−1.
 
         Consistency models: CM Algorithm 1 over `time_points(sigmas, ts, num_scales)`.
         EDM teachers: the EDM sampler with `edm_steps` steps (`edm_solver` heun or euler).
         labels: class labels for a class-conditional model ([num] ints; None draws them).
         """
-        labels = self._labels(num, labels, seed)
+        labels = self._labels(num, labels, seed, first_index)
         if self.is_diffusion_model:
             fn = self._edm_fn(edm_steps, edm_solver)
         else:
             fn = self._consistency_fn(tuple(float(s) for s in self.time_points(sigmas, ts,
                                                                                 num_scales)))
-        images = self._batched(fn, num, batch_size, seed, labels)
+        images = self._batched(fn, num, batch_size, seed, labels, first_index)
         return images, labels
 
-    def _labels(self, num, labels, seed):
+    def _labels(self, num, labels, seed, first_index=0):
         num_classes = self.config.model.num_classes
         if num_classes == 0:
             if labels is not None:
                 raise ValueError("This model is unconditional: do not pass class labels.")
             return None
-        if labels is None:
-            return np.random.default_rng(seed).integers(0, num_classes, num).astype(np.int32)
+        if labels is None:  # Drawn per sample index, like the noise.
+            drawn = np.random.default_rng(seed).integers(0, num_classes, first_index + num)
+            return drawn[first_index:].astype(np.int32)
         labels = np.asarray(labels, np.int32).reshape(-1)
         if labels.shape[0] != num or labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"labels must be {num} ints in [0, {num_classes}).")
@@ -122,13 +123,14 @@ class Generator:
         split, whole = batch_sharding(self.mesh), replicated(self.mesh)
         return jax.jit(fn, in_shardings=(whole, split, whole, split), out_shardings=split)
 
-    def _batched(self, fn, num, batch_size, seed, labels):
-        """Run fn over indices 0..num−1 in batches padded to a multiple of the device count."""
+    def _batched(self, fn, num, batch_size, seed, labels, first_index=0):
+        """Run fn over indices first_index… (num of them) in batches padded to a multiple of the
+        device count."""
         devices = self.mesh.devices.size
         batch_size = max(devices, (batch_size // devices) * devices)
         out = []
         for start in range(0, num, batch_size):
-            indices = np.arange(start, start + batch_size)
+            indices = first_index + np.arange(start, start + batch_size)
             batch_labels = None
             if labels is not None:
                 batch_labels = np.resize(labels[start:start + batch_size], batch_size)

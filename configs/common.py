@@ -105,6 +105,7 @@ def base_config():
         samples_npz="",           # eval: score these images (arr_0 or images) instead of sampling
         num_samples=50_000,       # eval: samples from the run (time points from config.sample)
         batch_size=250,           # Inception batch, split over the devices
+        chunk_size=0,             # eval: samples per saved progress step; 0 = 10 batches
         inception_path="",        # converted weights; "" = ~/.cache/cm_jax/tf_inception_fid.npz
     )
     # --mode=search: the two-step middle time point that minimises FID (against eval.ref_stats).

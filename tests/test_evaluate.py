@@ -1,5 +1,6 @@
 """--mode=stats and --mode=eval on real CIFAR-10 images (a handful: the network is slow on CPU)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from cm_jax.evaluation import evaluate, fid
 from configs import cifar10_ict
 
-N = 12
+N = 8
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +58,26 @@ def test_missing_reference_is_a_clear_error(cifar_shards, tmp_path):
         evaluate.run_eval(config, str(tmp_path))
 
 
-def test_fid_is_logged_during_training(tiny_shards, inception_weights, tmp_path):
+@pytest.fixture(scope="module")
+def trained_run(tiny_shards, inception_weights, tmp_path_factory):
+    """A 4-step iCT run on 16×16 images that logged its FID every 2 steps, and a stand-in
+    reference (mu = 0, sigma = I: the metric's plumbing, not its value, is under test here)."""
     from cm_jax import trainer
     _, npz = inception_weights
-    ref = tmp_path / "ref.npz"
+    workdir = tmp_path_factory.mktemp("run")
+    ref = workdir / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), n=10)
     config = cifar10_ict.get_config("test")
     config.data.dir = tiny_shards
     config.train.update(fid_every=2, fid_num_samples=4, sample_every=0)
     config.eval.update(ref_stats=str(ref), inception_path=npz, batch_size=8)
-    trainer.train_and_evaluate(config, str(tmp_path / "run"),
-                               [evaluate.make_fid_hook(config)])
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    trainer.train_and_evaluate(config, str(workdir), [evaluate.make_fid_hook(config)])
+    return config, workdir
+
+
+def test_fid_is_logged_during_training(trained_run):
+    _, workdir = trained_run
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     fids = {row["step"]: row["fid"] for row in rows if "fid" in row}
     assert sorted(fids) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fids.values())
 
@@ -83,19 +92,37 @@ def test_ternary_search_on_integers_and_reals():
     assert best == pytest.approx(0.3, abs=1e-3) and value == pytest.approx(1.0, abs=1e-5)
 
 
-def test_search_mode_records_every_point_and_the_best(tiny_shards, inception_weights, tmp_path):
-    from cm_jax import trainer
-    _, npz = inception_weights
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), n=10)
-    config = cifar10_ict.get_config("test")
-    config.data.dir = tiny_shards
-    config.train.sample_every = 0
-    trainer.train_and_evaluate(config, str(tmp_path))
-    config.eval.update(ref_stats=str(ref), inception_path=npz, batch_size=8)
+def test_search_mode_records_every_point_and_the_best(trained_run):
+    config, workdir = trained_run
+    config = config.copy_and_resolve_references()
     config.search.update(kind="index", num_scales=6, num_samples=4)
-    sigmas, value = evaluate.run_search(config, str(tmp_path))
-    rows = [json.loads(line) for line in open(tmp_path / "eval" / "search.jsonl")]
+    sigmas, value = evaluate.run_search(config, str(workdir))
+    rows = [json.loads(line) for line in open(workdir / "eval" / "search.jsonl")]
     points = {row["x"]: row["fid"] for row in rows if "best" not in row}
     assert set(points) <= {1.0, 2.0, 3.0, 4.0} and len(points) >= 3
     assert rows[-1]["fid"] == min(points.values()) == value and len(sigmas) == 2
+
+
+def test_eval_resumes_after_preemption(trained_run, monkeypatch):
+    from cm_jax import generate
+    config, workdir = trained_run
+    config = config.copy_and_resolve_references()
+    config.eval.update(num_samples=20, chunk_size=8)   # Chunks of 8 + 8 + 4 samples.
+    config.sample.sigmas = (80.0, 0.821)
+    reference = evaluate.run_eval(config, str(workdir))
+
+    calls, original = [], generate.Generator.sample
+
+    def preempted_sample(self, num, **kwargs):
+        calls.append(kwargs["first_index"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("pre-empted")
+        return original(self, num, **kwargs)
+
+    monkeypatch.setattr(generate.Generator, "sample", preempted_sample)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_eval(config, str(workdir))
+    resumed = evaluate.run_eval(config, str(workdir))
+    assert calls == [0, 8, 8, 16]              # The first chunk was not sampled again.
+    assert resumed["fid"] == pytest.approx(reference["fid"], rel=1e-9)
+    assert not os.listdir(workdir / "eval" / "partial")

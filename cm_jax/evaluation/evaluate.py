@@ -5,6 +5,7 @@ Features come from the Flax TF-Inception network (inception.py), sharded over al
 fixed-size batches (one compilation), and are accumulated in float64 as they arrive, so no
 feature matrix is held in memory.
 """
+import hashlib
 import json
 import os
 import time
@@ -72,6 +73,61 @@ class ImageStats:
         np.savez(path, mu=self.pool3.mean, sigma=self.pool3.cov, n=self.pool3.n,
                  mu_spatial=self.spatial.mean, sigma_spatial=self.spatial.cov, **meta)
 
+    def save_progress(self, prefix, done):
+        """Both statistics in float64, written to temporary files and renamed, so a kill at
+        any moment leaves either the previous or the new progress."""
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        self.pool3.metadata["done"] = str(done)
+        for name, stats in (("spatial", self.spatial), ("pool3", self.pool3)):
+            tmp = f"{prefix}.{name}.tmp.npz"
+            stats.save(tmp)
+            os.replace(tmp, f"{prefix}.{name}.npz")
+
+    @classmethod
+    def load_progress(cls, prefix):
+        """(stats, samples done) from `save_progress`; a torn pair starts over."""
+        stats = cls({})
+        stats.pool3 = fid.FeatureStats.load(prefix + ".pool3.npz")
+        stats.spatial = fid.FeatureStats.load(prefix + ".spatial.npz")
+        if stats.pool3.n != stats.spatial.n:
+            return cls(stats.pool3.metadata), 0
+        return stats, int(stats.pool3.metadata.get("done", stats.pool3.n))
+
+
+def sample_stats(gen, extractor, sample_config, num_samples, progress_path=None, chunk=0):
+    """Statistics of num_samples samples of `gen`, made chunk by chunk (sample i always from
+    noise index i, so chunks are independent of each other).
+
+    With progress_path, the statistics so far are saved after every chunk and picked up again
+    by a rerun (pre-emption safe); the file is removed when the last chunk is in.
+    """
+    s, chunk = sample_config, chunk or 10 * extractor.batch_size
+    stats, done = ImageStats(_metadata(extractor)), 0
+    if progress_path and os.path.exists(progress_path + ".pool3.npz"):
+        stats, done = ImageStats.load_progress(progress_path)
+        logging.info("eval: resuming after %d of %d samples", done, num_samples)
+    for start in range(done, num_samples, chunk):
+        count = min(chunk, num_samples - start)
+        images, _ = gen.sample(count, sigmas=tuple(s.sigmas), ts=tuple(s.ts),
+                               num_scales=s.num_scales, seed=s.seed, first_index=start,
+                               batch_size=s.batch_size, edm_steps=s.edm_steps,
+                               edm_solver=s.edm_solver)
+        stats.add(extractor, images)
+        if progress_path:
+            stats.save_progress(progress_path, start + count)
+    if progress_path:
+        for suffix in (".pool3.npz", ".spatial.npz"):
+            if os.path.exists(progress_path + suffix):
+                os.remove(progress_path + suffix)
+    return stats
+
+
+def _run_tag(row, num_samples):
+    """A file name that changes with everything the samples depend on."""
+    key = json.dumps({k: row[k] for k in ("step", "ema_rate", "sigmas", "ts", "num_scales",
+                                          "seed")} | {"n": num_samples}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
 
 def _metadata(extractor, **extra):
     return {"inception_sha1": extractor.weights_sha1(), "resize": RESIZE_CONVENTION, **extra}
@@ -128,15 +184,10 @@ def run_eval(config, workdir):
     else:
         gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None,
                         list(mesh.devices.flat))
-        chunk = 10 * extractor.batch_size
-        for start in range(0, e.num_samples, chunk):
-            images, _ = gen.sample(min(chunk, e.num_samples - start), sigmas=tuple(s.sigmas),
-                                   ts=tuple(s.ts), num_scales=s.num_scales, seed=s.seed + start,
-                                   batch_size=s.batch_size, edm_steps=s.edm_steps,
-                                   edm_solver=s.edm_solver)
-            stats.add(extractor, images)
         row.update(step=gen.step, ema_rate=s.ema_rate or gen.config.train.ema_rates[0],
-                   sigmas=list(s.sigmas), ts=list(s.ts), num_scales=s.num_scales)
+                   sigmas=list(s.sigmas), ts=list(s.ts), num_scales=s.num_scales, seed=s.seed)
+        progress = os.path.join(workdir, "eval", "partial", _run_tag(row, e.num_samples))
+        stats = sample_stats(gen, extractor, s, e.num_samples, progress, e.chunk_size)
     row["num_samples"] = stats.pool3.n
     row["fid"] = fid.fid_from_stats(stats.pool3, ref_pool3)
     if ref_spatial is not None:
@@ -167,14 +218,7 @@ def make_fid_hook(config):
 
     def fid_of(step, state):
         gen = Generator.from_params(config, net, state.ema_params[ema_key(rate)], mesh, step)
-        stats = ImageStats(_metadata(extractor))
-        chunk = 10 * extractor.batch_size
-        for start in range(0, config.train.fid_num_samples, chunk):
-            images, _ = gen.sample(min(chunk, config.train.fid_num_samples - start),
-                                   sigmas=tuple(s.sigmas), ts=tuple(s.ts), num_scales=s.num_scales,
-                                   seed=s.seed + start, batch_size=s.batch_size,
-                                   edm_steps=s.edm_steps, edm_solver=s.edm_solver)
-            stats.add(extractor, images)
+        stats = sample_stats(gen, extractor, s, config.train.fid_num_samples)
         value = fid.fid_from_stats(stats.pool3, ref_pool3)
         logging.info("step %d: FID %.4f (%d samples, EMA %s)", step, value, stats.pool3.n, rate)
         return {"fid": value}
