@@ -97,8 +97,10 @@ class Generator:
         k = self.config.karras
 
         def fn(params, indices, seed, labels):
+            # z from each sample's key, the later steps' noise from fold_in(key, n): one key
+            # per sample index serves both (and a neighbouring seed never repeats them).
             z = sampling.sample_noise(seed, indices, self.image_shape)
-            keys = sampling.sample_keys(seed + 1, indices)
+            keys = sampling.sample_keys(seed, indices)
             x = sampling.multistep_sample(self.net, params, z, jnp.asarray(sigmas), labels,
                                           noise_rng=keys, sigma_min=k.sigma_min,
                                           sigma_data=k.sigma_data)

@@ -1,5 +1,6 @@
-"""`launch.py --mode=stats` (reference statistics of a dataset split) and `--mode=eval` (FID
-and sFID of a run's samples, or of an npz of samples, against reference statistics).
+"""`launch.py --mode=stats` (reference statistics of a dataset split), `--mode=eval` (FID and
+sFID of a run's samples, or of an npz of samples, against reference statistics), `--mode=search`
+(the two-step time point with the lowest FID) and the FID hook of training (`train.fid_every`).
 
 Features come from the Flax TF-Inception network (inception.py), sharded over all devices in
 fixed-size batches (one compilation), and are accumulated in float64 as they arrive, so no
