@@ -185,11 +185,6 @@ def lpips_distance(params, x, y, resize_to=224, precision=None):
     return LPIPS(precision=precision).apply({"params": params}, x, y)
 
 
-def make_lpips_distance(params, resize_to=224, precision=None):
-    """d(x, y) → [B] with the params bound (for a registry of distances)."""
-    return lambda x, y: lpips_distance(params, x, y, resize_to=resize_to, precision=precision)
-
-
 def param_shapes():
     """{flat "a/b/c" name: shape} of the full params pytree (traced, not computed)."""
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)

@@ -1,5 +1,4 @@
 """Curricula N(k), μ(k), pair sampling and weightings against hand-worked values."""
-import math
 
 import jax
 import jax.numpy as jnp
