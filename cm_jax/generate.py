@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from cm_jax import data, editing, metric_logging, runs, sampling
+from cm_jax import data, editing, metric_logging, runs, sampling, schedules
 from cm_jax.train_state import batch_sharding, create_mesh, replicated
 
 
@@ -47,7 +47,14 @@ class Generator:
 
     @property
     def is_diffusion_model(self):
-        return self.config.method == "edm"
+        """An EDM teacher or a PD student: a denoiser, sampled by solving the PF-ODE."""
+        return self.config.method in ("edm", "pd")
+
+    @property
+    def pd_learned_steps(self):
+        """A PD run's Euler steps at this checkpoint: what its student was trained to take."""
+        c = self.config.schedule
+        return int(schedules.pd_learned_steps(self.step, c.pd_start_scales, c.pd_stage_steps))
 
     # ------------------------------------------------------------------ time points
     def time_points(self, sigmas=None, ts=None, num_scales=None):
@@ -62,15 +69,18 @@ class Generator:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, num, sigmas=None, ts=None, num_scales=None, labels=None, seed=0,
-               batch_size=256, edm_steps=18, edm_solver="heun", first_index=0):
+               batch_size=256, edm_steps=18, edm_solver="heun", first_index=0, pd_steps=0):
         """(uint8 images [num, H, W, C], labels or None): samples first_index … first_index+num−1.
 
         Consistency models: CM Algorithm 1 over `time_points(sigmas, ts, num_scales)`.
         EDM teachers: the EDM sampler with `edm_steps` steps (`edm_solver` heun or euler).
+        PD students: `pd_steps` Euler steps (0: `pd_learned_steps`).
         labels: class labels for a class-conditional model ([num] ints; None draws them).
         """
         labels = self._labels(num, labels, seed, first_index)
-        if self.is_diffusion_model:
+        if self.config.method == "pd":
+            fn = self._pd_fn(int(pd_steps) or self.pd_learned_steps)
+        elif self.is_diffusion_model:
             fn = self._edm_fn(edm_steps, edm_solver)
         else:
             fn = self._consistency_fn(tuple(float(s) for s in self.time_points(sigmas, ts,
@@ -121,6 +131,19 @@ class Generator:
 
         return self._jit(fn)
 
+    @functools.lru_cache(maxsize=8)
+    def _pd_fn(self, num_steps):
+        k = self.config.karras
+
+        def fn(params, indices, seed, labels):
+            z = sampling.sample_noise(seed, indices, self.image_shape)
+            x = sampling.pd_sample(self.net, params, z, labels, num_steps=num_steps,
+                                   sigma_min=k.sigma_min, sigma_max=k.sigma_max, rho=k.rho,
+                                   sigma_data=k.sigma_data)
+            return data.to_uint8(x)
+
+        return self._jit(fn)
+
     def _jit(self, fn):
         split, whole = batch_sharding(self.mesh), replicated(self.mesh)
         return jax.jit(fn, in_shardings=(whole, split, whole, split), out_shardings=split)
@@ -145,7 +168,8 @@ class Generator:
         """Apply editing.TASKS[task] to uint8 images [B, H, W, C] (for "interpolation": a pair
         of latents [2, B, H, W, C], or None to draw them from `seed`). Returns uint8."""
         if self.is_diffusion_model:
-            raise ValueError("Editing needs a consistency model; this run is an EDM teacher.")
+            raise ValueError(f"Editing needs a consistency model; this run is method "
+                             f"{self.config.method!r}, a denoiser.")
         if task not in editing.TASKS:
             raise ValueError(f"Unknown editing task {task!r}: use one of {sorted(editing.TASKS)}.")
         sigmas = self.time_points(sigmas) if task != "denoising" else np.asarray(sigmas,
@@ -189,7 +213,8 @@ def run_sample(config, workdir):
     gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None)
     images, labels = gen.sample(s.num_samples, sigmas=tuple(s.sigmas), ts=tuple(s.ts),
                                 num_scales=s.num_scales, seed=s.seed, batch_size=s.batch_size,
-                                edm_steps=s.edm_steps, edm_solver=s.edm_solver)
+                                edm_steps=s.edm_steps, edm_solver=s.edm_solver,
+                                pd_steps=s.pd_steps)
     out_dir = s.out_dir or os.path.join(workdir, "samples")
     name = "samples_" + "x".join(str(d) for d in images.shape)
     return _write(out_dir, name, images[:64], arr_0=images,

@@ -12,6 +12,8 @@ Methods:
 - "ct":  consistency training (CM Algorithm 3) and its iCT refinements, chosen by config:
          the curriculum (schedules.py), the pair sampling, the weighting λ and the metric d.
 - "cd":  consistency distillation (CM Algorithm 2) from an EDM teacher, same options.
+- "pd":  progressive distillation (Salimans & Ho 2022), the CM paper's baseline: an EDM
+         denoiser learns in one Euler step what its teacher θ⁻ does in two.
 """
 import functools
 
@@ -143,7 +145,58 @@ def edm_loss(net, config, teacher_net=None):
     return loss_fn
 
 
-LOSSES = {"ct": consistency_training_loss, "cd": consistency_distillation_loss, "edm": edm_loss}
+def pd_target(teacher_denoise, x_hi, sigma_hi, sigma_mid, sigma_lo):
+    """PD's regression target: the denoised image x̃ whose single Euler step from σ_hi lands
+    where the teacher's two Euler half-steps σ_hi → σ_mid → σ_lo land (Salimans & Ho 2022,
+    Algorithm 2, in EDM's σ parameterisation as the official CM code):
+
+      x_lo = Euler(Euler(x_hi, σ_hi → σ_mid), σ_mid → σ_lo),
+      x̃   = x_hi − σ_hi·(x_lo − x_hi)/(σ_lo − σ_hi).
+    """
+    x_mid = ode.euler_step(teacher_denoise, x_hi, sigma_hi, sigma_mid)
+    x_lo = ode.euler_step(teacher_denoise, x_mid, sigma_mid, sigma_lo)
+    slope = (x_lo - x_hi) / karras.per_example(sigma_lo - sigma_hi, x_hi)
+    return x_hi - karras.per_example(sigma_hi, x_hi) * slope
+
+
+def progressive_distillation_loss(net, config, teacher_net=None):
+    """L_PD: the student D_θ at σ_hi regresses on `pd_target` of the teacher D_θ⁻.
+
+    The student's N steps are the intervals of an (N+1)-point Karras grid from σ_max to σ_min
+    (N from the `pd` schedule); each example draws one interval uniformly, σ_mid is its
+    midpoint in σ^{1/ρ}. The teacher θ⁻ is the previous stage's student (the EDM teacher in the
+    first stage), lives in the train state and runs deterministic; the weight is the official
+    `truncated_snr` max(1/σ_hi², 1) by default (loss.weighting).
+    """
+    del teacher_net  # The teacher is the state's θ⁻, built from the same network.
+    kc, lc, sc = config.karras, config.loss, config.schedule
+    grid = dict(sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho)
+    distance = metric(lc)
+    denoiser = functools.partial(precond.edm_denoiser, net, sigma_data=kc.sigma_data)
+
+    def loss_fn(params, target_params, batch, rng, step, frozen=None):
+        x, labels = batch["image"], _labels(batch, config.model)
+        num_steps = schedules.pd_num_scales(step, sc.pd_start_scales, sc.pd_stage_steps)
+        index_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+        j = jax.random.randint(index_rng, (x.shape[0],), 0, num_steps)
+        sigma_lo, sigma_mid, sigma_hi = (karras.karras_sigma(j + d, num_steps + 1, **grid)
+                                         for d in (0.0, 0.5, 1.0))
+        x_hi = x + karras.per_example(sigma_hi, x) * jax.random.normal(noise_rng, x.shape,
+                                                                         x.dtype)
+        student = denoiser(params, x_hi, sigma_hi, labels, train=True, dropout_rng=dropout_rng)
+        teacher = lambda v, s: denoiser(target_params, v, s, labels)
+        target = jax.lax.stop_gradient(pd_target(teacher, x_hi, sigma_hi, sigma_mid, sigma_lo))
+        weight = schedules.pair_weight(sigma_lo, sigma_hi, lc.weighting)
+        per_example = weight * distance(student, target, frozen)
+        loss = jnp.mean(per_example)
+        return loss, {"loss": loss, "num_scales": num_steps,
+                      "unweighted_distance": jnp.mean(per_example / weight)}
+
+    return loss_fn
+
+
+LOSSES = {"ct": consistency_training_loss, "cd": consistency_distillation_loss, "edm": edm_loss,
+          "pd": progressive_distillation_loss}
 
 
 def get_loss_fn(net, config, teacher_net=None):

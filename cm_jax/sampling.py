@@ -13,6 +13,7 @@ The module reads top to bottom:
    Algorithm 4 needs), `onestep_sample`, `multistep_sample`.
 4. EDM samplers for diffusion teachers: `edm_sample` (EDM Algorithm 2; Algorithm 1 when
    S_churn = 0) over any denoiser, `edm_heun_sample` and `edm_euler_sample` over a network.
+5. `pd_sample`: the N Euler steps a progressive-distillation student was trained to take.
 """
 import math
 
@@ -300,3 +301,27 @@ def edm_euler_sample(net, params, z, labels=None, *, num_steps=18, sigma_min=0.0
                  noise_rng=noise_rng)
     return _edm_network_sample("euler", net, params, z, labels, num_steps, sigma_min, sigma_max,
                                rho, sigma_data, churn)
+
+
+# ----------------------------------------------------------------------------------------
+# Progressive distillation
+# ----------------------------------------------------------------------------------------
+
+
+def pd_sample(net, params, z, labels=None, *, num_steps, sigma_min=0.002, sigma_max=80.0,
+              rho=7.0, sigma_data=0.5):
+    """A PD student's sampler (the official `progressive_distillation` sampler): x = σ_max·z,
+    then num_steps deterministic Euler steps of D_θ down the (num_steps + 1)-point Karras grid
+    to σ_min, the grid the student was trained on (losses.progressive_distillation_loss).
+    num_steps may be traced (the trainer's grids follow the curriculum). Clipped to [−1, 1].
+    """
+    denoise = lambda x, s: precond.edm_denoiser(net, params, x, s, labels, sigma_data=sigma_data)
+    grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+
+    def step(n, x):  # Grid index num_steps − n down to num_steps − n − 1 (ascending grid).
+        sigma_from = karras.karras_sigma(num_steps - n, num_steps + 1, **grid)
+        sigma_to = karras.karras_sigma(num_steps - n - 1, num_steps + 1, **grid)
+        return ode.euler_step(denoise, x, sigma_from, sigma_to)
+
+    x = jax.lax.fori_loop(0, num_steps, step, sigma_max * z)
+    return jnp.clip(x, -1.0, 1.0)

@@ -1,7 +1,10 @@
 """Training curricula and noise-level sampling of consistency training.
 
-- N(k): the number of grid points at training step k (original CT, iCT, fixed).
+- N(k): the number of grid points at training step k (original CT, iCT, fixed), or of
+  sampling steps of a progressive-distillation student (PD).
 - μ(k): the decay of the target network θ⁻ ← μ·θ⁻ + (1−μ)·θ (CM Algorithm 3).
+- PD's stages: when a new stage starts (the student becomes the teacher) and the
+  learning-rate factor within a stage.
 - Which adjacent pair (σ_i, σ_{i+1}) of the grid a training example uses, and its weight λ.
 
 All functions are jit-safe in the step k and in N (integers may be traced), because N changes
@@ -66,6 +69,73 @@ def ict_stage_length(total_steps, s0=10, s1=1280):
     return max(total_steps // (int(math.log2(s1 // s0)) + 1), 1)
 
 
+# --------------------------------------------------------------------------- PD's stages
+# Progressive distillation (Salimans & Ho 2022) as the CM paper's baseline and the official
+# `progdist` scale mode: the student learns in N steps what its teacher does in 2N; every K
+# steps the student becomes the teacher and N halves. With L = log2(N_0) the stages are
+#   N_0, N_0/2, …, 4   for K steps each   (k < (L−1)·K),
+#   2                  for 2K steps       ((L−1)·K ≤ k < (L+1)·K),
+#   1                  from then on.
+# Within a stage the learning rate decays linearly to 0 over its length (2K for the last
+# two, whose rate stays 0 once decayed, as the official code).
+
+
+def check_pd_schedule(start_scales, stage_steps):
+    """One clear error for a PD curriculum that cannot halve down to one step."""
+    if start_scales < 2 or start_scales & (start_scales - 1):
+        raise ValueError(f"schedule.pd_start_scales={start_scales} must be a power of 2 ≥ 2, so "
+                         "that halving reaches one step.")
+    if stage_steps < 1:
+        raise ValueError(f"schedule.pd_stage_steps={stage_steps} must be at least 1.")
+
+
+def _pd_stage_bounds(k, start_scales, stage_steps):
+    """(N, first step of the stage, stage length) at step k; k may be traced."""
+    check_pd_schedule(start_scales, stage_steps)
+    log2_start = int(math.log2(start_scales))
+    k = jnp.asarray(k, jnp.int32)
+    halving_end = (log2_start - 1) * stage_steps       # N = 2 starts here
+    final_start = (log2_start + 1) * stage_steps       # N = 1 starts here
+    stage = jnp.minimum(k // stage_steps, log2_start)  # Capped: 2**stage stays in int32.
+    n = jnp.where(k < halving_end, start_scales // 2**stage,
+                  jnp.where(k < final_start, 2, 1))
+    first = jnp.where(k < halving_end, stage * stage_steps,
+                      jnp.where(k < final_start, halving_end, final_start))
+    length = jnp.where(k < halving_end, stage_steps, 2 * stage_steps)
+    return n.astype(jnp.int32), first, length
+
+
+def pd_num_scales(k, start_scales=4096, stage_steps=50_000):
+    """N(k) of progressive distillation: 4096 for k < 50k, 2048, …, 4 (k < 550k), 2 until 650k,
+    then 1, for the CIFAR-10 setting (N_0 = 4096, K = 50k)."""
+    return _pd_stage_bounds(k, start_scales, stage_steps)[0]
+
+
+def pd_learned_steps(k, start_scales=4096, stage_steps=50_000):
+    """The steps the student has learned after k optimizer steps: N(k − 1), the N of the last
+    step taken (sampling a checkpoint at a stage's end uses that stage's N)."""
+    return pd_num_scales(jnp.maximum(jnp.asarray(k, jnp.int32) - 1, 0), start_scales,
+                         stage_steps)
+
+
+def pd_starts_stage(k, start_scales=4096, stage_steps=50_000):
+    """True at the first step of every stage after the first: the student becomes the teacher."""
+    _, first, _ = _pd_stage_bounds(k, start_scales, stage_steps)
+    return (jnp.asarray(k) == first) & (jnp.asarray(k) > 0)
+
+
+def pd_lr_factor(k, start_scales=4096, stage_steps=50_000):
+    """max(1 − (k − stage start)/stage length, 0): each stage's linear decay of the rate."""
+    _, first, length = _pd_stage_bounds(k, start_scales, stage_steps)
+    # The steps left in integers, then one division: no float32 cancellation near 0.
+    left = jnp.maximum(first + length - jnp.asarray(k, jnp.int32), 0)
+    return left.astype(jnp.float32) / length.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- any schedule
+KINDS = ("ct", "ict", "fixed", "pd")
+
+
 def max_num_scales(schedule_config):
     """The largest N a schedule can reach: the static size of the grid buffers."""
     kind = schedule_config.kind
@@ -73,7 +143,9 @@ def max_num_scales(schedule_config):
         return int(schedule_config.s1) + 1
     if kind == "fixed":
         return int(schedule_config.num_scales)
-    raise ValueError(f"Unknown schedule kind {kind!r}: use 'ct', 'ict' or 'fixed'.")
+    if kind == "pd":
+        return int(schedule_config.pd_start_scales)
+    raise ValueError(f"Unknown schedule kind {kind!r}: use one of {KINDS}.")
 
 
 def num_scales_and_target_ema(k, schedule_config, total_steps):
@@ -82,6 +154,8 @@ def num_scales_and_target_ema(k, schedule_config, total_steps):
     kind="ct":    original CT, N from `ct_num_scales`, μ from `ct_target_ema`.
     kind="ict":   iCT, N from `ict_num_scales`, μ = 0 (θ⁻ = stop_gradient(θ)).
     kind="fixed": N = num_scales and μ = target_ema (CD's N=18, μ=0 on CIFAR-10).
+    kind="pd":    N from `pd_num_scales`, μ = 1: θ⁻ is PD's teacher, held fixed within a
+                  stage and replaced by θ when a stage starts (`pd_starts_stage`).
     """
     c = schedule_config
     if c.kind == "ct":
@@ -91,7 +165,9 @@ def num_scales_and_target_ema(k, schedule_config, total_steps):
         return ict_num_scales(k, total_steps, c.s0, c.s1), jnp.float32(0.0)
     if c.kind == "fixed":
         return jnp.int32(c.num_scales), jnp.float32(c.target_ema)
-    raise ValueError(f"Unknown schedule kind {c.kind!r}: use 'ct', 'ict' or 'fixed'.")
+    if c.kind == "pd":
+        return pd_num_scales(k, c.pd_start_scales, c.pd_stage_steps), jnp.float32(1.0)
+    raise ValueError(f"Unknown schedule kind {c.kind!r}: use one of {KINDS}.")
 
 
 # --------------------------------------------------------------------------- which σ pair

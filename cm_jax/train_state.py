@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-# Methods whose loss reads a target network θ⁻ (the state keeps one only for these).
-METHODS_WITH_TARGET = ("ct", "cd")
+# Methods whose loss reads a target network θ⁻ (the state keeps one only for these); PD's
+# θ⁻ is its teacher, replaced by θ at every stage.
+METHODS_WITH_TARGET = ("ct", "cd", "pd")
 
 
 @flax.struct.dataclass

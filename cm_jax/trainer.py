@@ -4,13 +4,14 @@ One step (the official order, CM Algorithms 2-3 and openai/consistency_models `r
   1. gradient of the loss at θ, optimizer update θ ← θ − η·u;
   2. evaluation EMAs θ_r ← r·θ_r + (1 − r)·θ for every configured rate r;
   3. target network θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ  (μ = 0 gives iCT's and CD's θ⁻ = θ).
+Progressive distillation adds a step 0 at the start of each stage: θ⁻ ← θ (the student becomes
+the teacher) and a fresh optimizer; its learning rate decays within each stage.
 
 Sharding: a 1-D device mesh with axis "data". The batch is split over it, everything in the
 state is replicated, and XLA inserts the gradient all-reduce, because the loss is a mean over
 the global batch. The same code runs on 1 CPU, 8 fake CPU devices, a GPU, or a TPU pod
 (each host feeds its rows of the global batch; see data.py).
 """
-import functools
 import os
 import signal
 import time
@@ -34,22 +35,30 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
     loss_fn = losses.get_loss_fn(net, config, teacher_net)
     total_steps = losses.total_curriculum_steps(config)
     ema_rates = tuple(config.train.ema_rates)
+    sc, staged = config.schedule, config.schedule.kind == "pd"
 
     def one_step(state, batch, frozen):
+        if staged:
+            state = _start_pd_stage_if_due(state, tx, sc)
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, state.target_params, batch, rng, state.step,
                                       frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr_factor = 1.0
+        if staged:
+            # The optimizers scale by the rate last, so scaling the update scales the rate.
+            lr_factor = schedules.pd_lr_factor(state.step, sc.pd_start_scales, sc.pd_stage_steps)
+            updates = jax.tree.map(lambda u: lr_factor * u, updates)
         params = optax.apply_updates(state.params, updates)
         ema_params = {ema_key(r): ema_update(state.ema_params[ema_key(r)], params, r)
                       for r in ema_rates}
         target_params = state.target_params
-        if target_params is not None:
+        if target_params is not None and not staged:  # PD holds θ⁻ (μ = 1) within a stage.
             _, mu = schedules.num_scales_and_target_ema(state.step, config.schedule, total_steps)
             target_params = ema_update(target_params, params, mu)
             metrics["target_ema"] = mu
-        metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step))
+        metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step) * lr_factor)
         new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
                                   ema_params=ema_params, opt_state=opt_state)
         return new_state, metrics
@@ -65,26 +74,40 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
                    donate_argnums=0)
 
 
+def _start_pd_stage_if_due(state, tx, schedule_config):
+    """At the first step of a PD stage: θ⁻ ← θ, a fresh optimizer (moments and step count) and
+    the evaluation EMAs restarted from θ, as the official `reset_training_for_progdist`."""
+    c = schedule_config
+    due = schedules.pd_starts_stage(state.step, c.pd_start_scales, c.pd_stage_steps)
+    restarted = lambda s: s.replace(target_params=s.params, opt_state=tx.init(s.params),
+                                    ema_params={key: s.params for key in s.ema_params})
+    return jax.lax.cond(due, restarted, lambda s: s, state)
+
+
 # --------------------------------------------------------------------------- samples
 def make_sample_fn(config, net):
-    """jit-compiled params -> uint8 sample grid images, from a fixed noise (comparable over time)."""
+    """jit-compiled (params, step) -> uint8 sample grid images, from a fixed noise (comparable
+    over time): EDM's Heun sampler for a diffusion teacher, the student's N(step) Euler steps for
+    PD, one step for consistency models."""
     kc, n = config.karras, config.train.num_sample_images
     shape = (n, config.data.image_size, config.data.image_size, config.data.num_channels)
     z = jax.random.normal(jax.random.PRNGKey(config.train.sample_seed), shape)
     labels = (jnp.arange(n) % config.model.num_classes) if config.model.num_classes > 0 else None
-    if config.method == "edm":
-        sampler = functools.partial(sampling.edm_heun_sample, num_steps=config.edm.sample_steps,
-                                    sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho,
-                                    sigma_data=kc.sigma_data)
-    else:
-        sampler = functools.partial(sampling.onestep_sample, sigma_max=kc.sigma_max,
-                                    sigma_min=kc.sigma_min, sigma_data=kc.sigma_data)
+    grid = dict(sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho,
+                sigma_data=kc.sigma_data)
+    sc = config.schedule
 
-    @jax.jit
-    def sample(params):
-        return data.to_uint8(sampler(net, params, z, labels))
+    def sampler(params, step):
+        if config.method == "edm":
+            return sampling.edm_heun_sample(net, params, z, labels,
+                                            num_steps=config.edm.sample_steps, **grid)
+        if config.method == "pd":
+            num_steps = schedules.pd_learned_steps(step, sc.pd_start_scales, sc.pd_stage_steps)
+            return sampling.pd_sample(net, params, z, labels, num_steps=num_steps, **grid)
+        return sampling.onestep_sample(net, params, z, labels, sigma_max=kc.sigma_max,
+                                       sigma_min=kc.sigma_min, sigma_data=kc.sigma_data)
 
-    return sample
+    return jax.jit(lambda params, step: data.to_uint8(sampler(params, step)))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -121,13 +144,20 @@ def validate_config(config):
         raise ValueError("train.ema_rates is empty: give at least one evaluation EMA rate.")
     if any(not 0.0 <= r < 1.0 for r in t.ema_rates):
         raise ValueError(f"train.ema_rates={tuple(t.ema_rates)} must lie in [0, 1).")
+    if (config.method == "pd") != (config.schedule.kind == "pd"):
+        raise ValueError(f"method={config.method!r} with schedule.kind={config.schedule.kind!r}: "
+                         "progressive distillation needs both to be 'pd' (configs/cifar10_pd.py).")
+    if config.method == "pd":
+        schedules.check_pd_schedule(config.schedule.pd_start_scales,
+                                    config.schedule.pd_stage_steps)
 
 
 def load_frozen_networks(config, mesh):
     """(teacher network or None, frozen) where frozen holds the parameters the loss reads but
-    never trains: "teacher" (CD's EDM teacher) and "lpips" (the LPIPS VGG16), replicated."""
+    never trains: "teacher" (the EDM teacher of CD and PD) and "lpips" (the LPIPS VGG16),
+    replicated."""
     teacher_net, frozen = None, {}
-    if config.method == "cd":
+    if config.method in ("cd", "pd"):
         teacher_net, _, frozen["teacher"] = teacher.load_teacher(config.teacher, mesh)
         logging.info("Teacher: %s", config.teacher.workdir)
     if config.method != "edm" and config.loss.distance == "lpips":
@@ -136,14 +166,30 @@ def load_frozen_networks(config, mesh):
     return teacher_net, frozen
 
 
+def initial_student(config, net, frozen):
+    """θ to start from instead of the initialiser, or None. CD starts from its teacher when
+    teacher.init_student (the official runs); PD always does, and then keeps its teacher in
+    the state as θ⁻ only, so it leaves `frozen`."""
+    if config.method == "pd":
+        params = frozen.pop("teacher")
+    elif config.method == "cd" and config.teacher.init_student:
+        params = frozen["teacher"]
+    else:
+        return None
+    _check_same_architecture(config, net, params)
+    return params
+
+
 def _check_same_architecture(config, net, params):
     """Starting the student from the teacher's weights needs the same parameter shapes."""
     expected = jax.eval_shape(lambda: init_params(config, net, jax.random.PRNGKey(0)))
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
     if shapes(expected) != shapes(params):
-        raise ValueError("teacher.init_student=True, but config.model builds a network whose "
-                         "parameters differ from the teacher's; match the teacher's model or set "
-                         "--config.teacher.init_student=False.")
+        remedy = ("" if config.method == "pd" else
+                  " or set --config.teacher.init_student=False")
+        raise ValueError(f"The student starts from the teacher's weights, but config.model builds "
+                         f"a network whose parameters differ from the teacher's; match the "
+                         f"teacher's model{remedy}.")
 
 
 def data_meta(config):
@@ -169,11 +215,8 @@ def train_and_evaluate(config, workdir, hooks=()):
     net = models.create_model(config.model)
     tx, lr_schedule = optim.make_optimizer(config.optim)
     teacher_net, frozen = load_frozen_networks(config, mesh)
-    initial = None
-    if config.method == "cd" and config.teacher.init_student:
-        initial = frozen["teacher"]
-        _check_same_architecture(config, net, initial)
-    state = init_train_state(config, net, tx, mesh, initial_params=initial)
+    state = init_train_state(config, net, tx, mesh,
+                             initial_params=initial_student(config, net, frozen))
     logging.info("%s: %s parameters, %d devices", config.model.name,
                  f"{count_params(state.params):,}", jax.device_count())
 
@@ -271,7 +314,7 @@ def _log(writer, step, metrics, progress):
 
 
 def _save_samples(sample_fn, state, workdir, step, ema_rate):
-    images = jax.device_get(sample_fn(state.ema_params[ema_key(ema_rate)]))
+    images = jax.device_get(sample_fn(state.ema_params[ema_key(ema_rate)], state.step))
     if jax.process_index() == 0:
         path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
         metric_logging.save_image_grid(images, path)

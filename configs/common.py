@@ -25,7 +25,8 @@ def tiny_ncsnpp(nf=16):
 def base_config():
     c = ml_collections.ConfigDict()
     # "ct" (CT and iCT; the schedule/loss fields pick the recipe), "cd" (distillation from an
-    # EDM teacher) or "edm" (the diffusion teacher itself).
+    # EDM teacher), "edm" (the diffusion teacher itself) or "pd" (progressive distillation of
+    # an EDM teacher, the CM paper's baseline).
     c.method = "ct"
 
     c.data = dict(
@@ -52,22 +53,24 @@ def base_config():
         p_std=2.0,
     )
     c.schedule = dict(
-        kind="ct",                # ct (original CT) | ict (exponential, μ = 0) | fixed
+        kind="ct",                # ct (original CT) | ict (exponential, μ = 0) | fixed | pd (PD)
         s0=2, s1=150, mu0=0.9,
         mu_formula="official",    # μ(k) = exp(s0·ln μ0 / (N−1)) as the official code; "paper": / N
         total_steps=0,            # K of the curriculum; 0 = train.num_steps
         num_scales=18,            # kind="fixed"
         target_ema=0.0,           # kind="fixed"
+        pd_start_scales=4096,     # kind="pd": the first student's steps (halved every stage)
+        pd_stage_steps=50_000,    # kind="pd": K, the steps of one stage (2K for N = 2 and 1)
     )
     c.optim = dict(name="radam", lr=4e-4, warmup_steps=0, grad_clip=0.0, beta1=0.9,
                    beta2=0.999, eps=1e-8, weight_decay=0.0)
     c.edm = dict(p_mean=-1.2, p_std=1.2, sample_steps=18)
     c.teacher = dict(
-        workdir="",               # method="cd": the --workdir of a trained method="edm" run
+        workdir="",               # cd, pd: the --workdir of a trained method="edm" run
         ema_rate=0.0,             # which of its EMAs; 0 = its first
         step=0,                   # which checkpoint; 0 = the newest
-        solver="heun",            # the teacher's ODE step: heun (CM) | euler
-        init_student=True,        # start θ from the teacher's weights (the official CD runs)
+        solver="heun",            # CD: the teacher's ODE step, heun (CM) | euler
+        init_student=True,        # CD: start θ from the teacher's weights (official runs); PD always does
     )
     # --mode=sample (launch.py): which checkpoint and EMA, and the time points.
     c.sample = dict(
@@ -78,6 +81,7 @@ def base_config():
         num_scales=0,
         edm_steps=18,             # EDM teacher runs: Heun/Euler steps
         edm_solver="heun",
+        pd_steps=0,               # PD runs: Euler steps; 0 = the steps the student learned
         seed=0,
         ema_rate=0.0,             # 0 = the run's first evaluation EMA
         checkpoint_step=0,        # 0 = the newest checkpoint
@@ -107,6 +111,10 @@ def base_config():
         batch_size=250,           # Inception batch, split over the devices
         chunk_size=0,             # eval: samples per saved progress step; 0 = 10 batches
         inception_path="",        # converted weights; "" = ~/.cache/cm_jax/tf_inception_fid.npz
+        classifier_path="",       # Inception Score: pytorch-fid's pt_inception-2015-12-05 .pth
+                                  # (or its converted npz); "" = IS reported as unavailable
+        ref_features_max=50_000,  # stats: also keep the pool3 features of up to this many
+                                  # reference images (precision/recall in eval); 0 = none
     )
     # --mode=search: the two-step middle time point that minimises FID (against eval.ref_stats).
     c.search = dict(

