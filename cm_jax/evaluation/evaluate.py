@@ -1,11 +1,15 @@
-"""`launch.py --mode=stats` (reference statistics of a dataset split), `--mode=eval` (FID and
-sFID of a run's samples, or of an npz of samples, against reference statistics), `--mode=search`
-(the two-step time point with the lowest FID) and the FID hook of training (`train.fid_every`).
+"""`launch.py --mode=stats` (reference statistics of a dataset split), `--mode=eval` (FID,
+sFID, precision/recall, KID and Inception Score of a run's samples, or of an npz of samples,
+against a reference), `--mode=search` (the two-step time point with the lowest FID) and the FID
+hook of training (`train.fid_every`).
 
 Features come from the Flax TF-Inception network (inception.py), sharded over all devices in
-fixed-size batches (one compilation), and are accumulated in float64 as they arrive, so no
-feature matrix is held in memory.
+fixed-size batches (one compilation), and are accumulated in float64 as they arrive. FID and
+sFID need nothing more; precision/recall and KID compare individual features, so --mode=stats
+also writes the reference's pool3 features to a companion file (`<stats>_pool3.npy`), and eval
+keeps the samples' pool3 features when the reference has them or an IS classifier is given.
 """
+import glob
 import hashlib
 import json
 import os
@@ -16,10 +20,17 @@ import numpy as np
 from absl import logging
 
 from cm_jax import data
-from cm_jax.evaluation import fid, inception
+from cm_jax.evaluation import classifier, fid, inception
 from cm_jax.train_state import batch_sharding, create_mesh, replicated
 
 RESIZE_CONVENTION = "tf1_bilinear_299_no_half_pixel_centers"
+PR_NEIGHBOURS = 3  # k of precision/recall, as guided-diffusion's evaluator
+IS_SPLITS = 10
+NO_REFERENCE_FEATURES = ("unavailable: the reference has no pool3 features; rerun --mode=stats "
+                         "(eval.ref_features_max > 0) to write them")
+NO_CLASSIFIER = ("unavailable: set eval.classifier_path to pytorch-fid's "
+                 f"{classifier.PYTORCH_FID_FILE} (or its npz from "
+                 f"`{classifier.CONVERT_COMMAND}`)")
 
 
 class FeatureExtractor:
@@ -55,16 +66,29 @@ class FeatureExtractor:
 
 
 class ImageStats:
-    """Streaming statistics of pool3 (FID) and spatial (sFID) features."""
+    """Streaming statistics of pool3 (FID) and spatial (sFID) features and, with
+    keep_features, the pool3 features themselves (precision/recall, KID and IS need each one),
+    as float32 chunks: one per `add`."""
 
-    def __init__(self, metadata):
+    def __init__(self, metadata, keep_features=False):
         self.pool3 = fid.FeatureStats(metadata)
         self.spatial = fid.FeatureStats(metadata)
+        self.kept = [] if keep_features else None
+        self._kept_saved = 0  # chunks of `kept` already in the progress files
 
     def add(self, extractor, images):
+        """Adds the images' features; returns their pool3 features."""
         pool3, spatial = extractor.features(images)
         self.pool3.add(pool3)
         self.spatial.add(spatial)
+        if self.kept is not None:
+            self.kept.append(np.asarray(pool3, np.float32))
+        return pool3
+
+    @property
+    def features(self):
+        """The kept pool3 features, float32 [n, 2048]."""
+        return np.concatenate(self.kept)
 
     def save(self, path):
         """One npz: mu, sigma, n (pool3; the format of the shared CIFAR-10 statistics),
@@ -75,9 +99,17 @@ class ImageStats:
                  mu_spatial=self.spatial.mean, sigma_spatial=self.spatial.cov, **meta)
 
     def save_progress(self, prefix, done):
-        """Both statistics in float64, written to temporary files and renamed, so a kill at
-        any moment leaves either the previous or the new progress."""
+        """Both statistics in float64 and the kept feature chunks not yet saved (one npy per
+        chunk, named by its first sample), each written to a temporary file and renamed. The
+        pool3 statistics, which record `done`, go last: a kill at any moment leaves either the
+        previous or the new progress."""
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        if self.kept is not None:
+            offset = sum(len(chunk) for chunk in self.kept[:self._kept_saved])
+            for chunk in self.kept[self._kept_saved:]:
+                _save_npy(_feature_chunk_path(prefix, offset), chunk)
+                offset += len(chunk)
+            self._kept_saved = len(self.kept)
         self.pool3.metadata["done"] = str(done)
         for name, stats in (("spatial", self.spatial), ("pool3", self.pool3)):
             tmp = f"{prefix}.{name}.tmp.npz"
@@ -85,27 +117,67 @@ class ImageStats:
             os.replace(tmp, f"{prefix}.{name}.npz")
 
     @classmethod
-    def load_progress(cls, prefix):
-        """(stats, samples done) from `save_progress`; a torn pair starts over."""
-        stats = cls({})
+    def load_progress(cls, prefix, keep_features=False):
+        """(stats, samples done) from `save_progress`; a torn pair, or kept features missing
+        (e.g. an earlier run that did not keep them), starts over."""
+        stats = cls({}, keep_features)
         stats.pool3 = fid.FeatureStats.load(prefix + ".pool3.npz")
         stats.spatial = fid.FeatureStats.load(prefix + ".spatial.npz")
-        if stats.pool3.n != stats.spatial.n:
-            return cls(stats.pool3.metadata), 0
-        return stats, int(stats.pool3.metadata.get("done", stats.pool3.n))
+        done = int(stats.pool3.metadata.get("done", stats.pool3.n))
+        if keep_features:
+            stats.kept = _load_feature_chunks(prefix, done)
+            stats._kept_saved = len(stats.kept or [])
+            if stats.kept is None:
+                logging.warning("eval: no saved features for the progress in %s", prefix)
+        if stats.pool3.n != stats.spatial.n or (keep_features and stats.kept is None):
+            return cls(stats.pool3.metadata, keep_features), 0
+        return stats, done
+
+    @staticmethod
+    def remove_progress(prefix):
+        """Removes what `save_progress` wrote (and any temporary file a kill left)."""
+        escaped = glob.escape(prefix)
+        for path in glob.glob(escaped + ".*.npz") + glob.glob(escaped + ".features.*.npy"):
+            os.remove(path)
 
 
-def sample_stats(gen, extractor, sample_config, num_samples, progress_path=None, chunk=0):
-    """Statistics of num_samples samples of `gen`, made chunk by chunk (sample i always from
-    noise index i, so chunks are independent of each other).
+def _save_npy(path, array):
+    tmp = path[:-len(".npy")] + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
 
-    With progress_path, the statistics so far are saved after every chunk and picked up again
-    by a rerun (pre-emption safe); the file is removed when the last chunk is in.
+
+def _feature_chunk_path(prefix, first_sample):
+    return f"{prefix}.features.{first_sample:09d}.npy"
+
+
+def _load_feature_chunks(prefix, done):
+    """The saved chunks of kept features that cover samples 0..done-1, or None if they
+    do not (a chunk missing, or one written after the statistics were last saved)."""
+    chunks, offset = [], 0
+    while offset < done:
+        path = _feature_chunk_path(prefix, offset)
+        if not os.path.exists(path):
+            return None
+        chunks.append(np.load(path))
+        offset += len(chunks[-1])
+    return chunks if offset == done else None
+
+
+def sample_stats(gen, extractor, sample_config, num_samples, progress_path=None, chunk=0,
+                 keep_features=False):
+    """Statistics (and with keep_features the pool3 features) of num_samples samples of `gen`,
+    made chunk by chunk (sample i always from noise index i, so chunks are independent of each
+    other).
+
+    With progress_path, the statistics and features so far are saved after every chunk and
+    picked up again by a rerun (pre-emption safe); the files are removed when the last chunk
+    is in.
     """
     s, chunk = sample_config, chunk or 10 * extractor.batch_size
-    stats, done = ImageStats(_metadata(extractor)), 0
+    stats, done = ImageStats(_metadata(extractor), keep_features), 0
     if progress_path and os.path.exists(progress_path + ".pool3.npz"):
-        stats, done = ImageStats.load_progress(progress_path)
+        stats, done = ImageStats.load_progress(progress_path, keep_features)
         logging.info("eval: resuming after %d of %d samples", done, num_samples)
     for start in range(done, num_samples, chunk):
         count = min(chunk, num_samples - start)
@@ -117,9 +189,7 @@ def sample_stats(gen, extractor, sample_config, num_samples, progress_path=None,
         if progress_path:
             stats.save_progress(progress_path, start + count)
     if progress_path:
-        for suffix in (".pool3.npz", ".spatial.npz"):
-            if os.path.exists(progress_path + suffix):
-                os.remove(progress_path + suffix)
+        ImageStats.remove_progress(progress_path)
     return stats
 
 
@@ -134,23 +204,46 @@ def _metadata(extractor, **extra):
     return {"inception_sha1": extractor.weights_sha1(), "resize": RESIZE_CONVENTION, **extra}
 
 
+def reference_features_path(stats_path):
+    """The companion of a reference statistics npz that holds its pool3 features."""
+    return os.path.splitext(stats_path)[0] + "_pool3.npy"
+
+
 def run_stats(config, workdir):
     """--mode=stats: statistics of config.data's split (npz shards or tfds), written to
-    config.eval.ref_stats_out (default workdir/eval/ref_<dataset>_<split>.npz)."""
+    config.eval.ref_stats_out (default workdir/eval/ref_<dataset>_<split>.npz), and the pool3
+    features of its first config.eval.ref_features_max images, float32, beside them
+    (`reference_features_path`). The features go to a memory-mapped file as they come."""
     dataset = data.load_split(config.data)
     extractor = FeatureExtractor(create_mesh(), config.eval.inception_path or None,
                                  config.eval.batch_size)
     stats = ImageStats(_metadata(extractor, dataset=config.data.dataset, split=config.data.split,
                                  source=config.data.dir or "tfds"))
-    chunk = 10 * extractor.batch_size
-    for start in range(0, dataset.num_examples, chunk):
-        stats.add(extractor, dataset.images[start:start + chunk])
-        logging.info("stats: %d / %d images", min(start + chunk, dataset.num_examples),
-                     dataset.num_examples)
     path = config.eval.ref_stats_out or os.path.join(
         workdir, "eval", f"ref_{config.data.dataset}_{config.data.split}.npz")
+    features_path = reference_features_path(path)
+    partial = features_path[:-len(".npy")] + ".partial.npy"
+    keep = min(max(int(config.eval.ref_features_max), 0), dataset.num_examples)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    kept = (np.lib.format.open_memmap(partial, "w+", np.float32, (keep, classifier.POOL3_DIM))
+            if keep else None)
+    chunk = 10 * extractor.batch_size
+    for start in range(0, dataset.num_examples, chunk):
+        pool3 = stats.add(extractor, dataset.images[start:start + chunk])
+        if start < keep:
+            rows = pool3[:keep - start]
+            kept[start:start + len(rows)] = rows
+        logging.info("stats: %d / %d images", min(start + chunk, dataset.num_examples),
+                     dataset.num_examples)
+    if keep:
+        kept.flush()
+        del kept
+        os.replace(partial, features_path)
+    elif os.path.exists(features_path):
+        os.remove(features_path)  # It belongs to earlier statistics at this path.
+    stats.pool3.metadata["pool3_features"] = str(keep)
     stats.save(path)
-    logging.info("Wrote %s (n = %d).", path, stats.pool3.n)
+    logging.info("Wrote %s (n = %d) and the features of %d images.", path, stats.pool3.n, keep)
     return path
 
 
@@ -164,36 +257,100 @@ def _load_reference(path):
     return pool3, spatial
 
 
-def run_eval(config, workdir):
-    """--mode=eval: FID (and sFID where the reference has spatial statistics) of
-    config.eval.num_samples samples of the run in workdir (time points from config.sample), or
-    of the images in config.eval.samples_npz. Appends one JSON line to workdir/eval/metrics.jsonl.
-    The Inception Score needs a 2048→1008 classifier that the FID weights lack: not reported."""
+def _load_reference_features(path, ref_pool3):
+    """The reference's pool3 features (memory-mapped), or None where it has none."""
+    features_path = reference_features_path(path)
+    if not os.path.isfile(features_path):
+        return None
+    features = np.load(features_path, mmap_mode="r")
+    count = ref_pool3.metadata.get("pool3_features")
+    if (features.ndim != 2 or features.shape[1] != ref_pool3.mean.shape[0]
+            or (count is not None and int(count) != len(features))):
+        raise ValueError(f"{features_path} (shape {features.shape}) does not belong to {path} "
+                         f"({count} features of dimension {ref_pool3.mean.shape[0]}): rerun "
+                         f"--mode=stats")
+    return features
+
+
+def _manifold_metrics(features, ref_features):
+    """Precision and recall (k = 3) and KID of the samples against the reference features."""
+    if ref_features is None:
+        return {"precision_recall": NO_REFERENCE_FEATURES, "kid": NO_REFERENCE_FEATURES}
+    if min(len(features), len(ref_features)) <= PR_NEIGHBOURS:
+        too_few = (f"unavailable: needs more than {PR_NEIGHBOURS} samples and reference "
+                   f"features")
+        return {"precision_recall": too_few, "kid": too_few}
+    precision, recall = fid.precision_recall(ref_features, features, k=PR_NEIGHBOURS)
+    kid, kid_std = fid.kernel_inception_distance(ref_features, features)
+    return {"precision": precision, "recall": recall, "kid": kid, "kid_std": kid_std,
+            "ref_features": len(ref_features)}
+
+
+def _inception_score(features, weight):
+    """Inception Score over 10 splits, with the classifier W (None: not given)."""
+    if weight is None:
+        return {"inception_score": NO_CLASSIFIER}
+    if len(features) < IS_SPLITS:
+        return {"inception_score": f"unavailable: {IS_SPLITS} splits need at least "
+                                   f"{IS_SPLITS} samples"}
+    mean, std = classifier.inception_score(features, weight, IS_SPLITS)
+    return {"inception_score": mean, "inception_score_std": std}
+
+
+def _npz_stats(path, extractor, keep_features):
+    """Statistics (and features) of the images in an npz (arr_0 or images)."""
+    with np.load(path) as f:
+        images = f["arr_0"] if "arr_0" in f else f["images"]
+    stats = ImageStats(_metadata(extractor), keep_features)
+    chunk = 10 * extractor.batch_size
+    for start in range(0, len(images), chunk):
+        stats.add(extractor, images[start:start + chunk])
+    return stats
+
+
+def _sampled_stats(config, workdir, mesh, extractor, row, keep_features):
+    """Statistics (and features) of eval.num_samples samples of the run in workdir, saved
+    after every chunk under workdir/eval/partial; what the samples depend on goes into row."""
     from cm_jax.generate import Generator  # Only eval of a run needs the generator.
     e, s = config.eval, config.sample
+    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None,
+                    list(mesh.devices.flat))
+    row.update(step=gen.step, ema_rate=s.ema_rate or gen.config.train.ema_rates[0],
+               sigmas=list(s.sigmas), ts=list(s.ts), num_scales=s.num_scales, seed=s.seed)
+    progress = os.path.join(workdir, "eval", "partial", _run_tag(row, e.num_samples))
+    return sample_stats(gen, extractor, s, e.num_samples, progress, e.chunk_size, keep_features)
+
+
+def run_eval(config, workdir):
+    """--mode=eval: FID, sFID (where the reference has spatial statistics), precision/recall
+    and KID (where it has pool3 features) and the Inception Score (with eval.classifier_path)
+    of config.eval.num_samples samples of the run in workdir (time points from config.sample),
+    or of the images in config.eval.samples_npz. A metric that cannot be computed gets a
+    string saying why. Appends one JSON line to workdir/eval/metrics.jsonl."""
+    e = config.eval
     ref_pool3, ref_spatial = _load_reference(e.ref_stats)
+    ref_features = _load_reference_features(e.ref_stats, ref_pool3)
+    # Read before any sampling, so a bad file fails at once.
+    weight = classifier.load_classifier(e.classifier_path) if e.classifier_path else None
+    keep_features = ref_features is not None or weight is not None
     mesh = create_mesh()
     extractor = FeatureExtractor(mesh, e.inception_path or None, e.batch_size)
-    stats = ImageStats(_metadata(extractor))
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ref_stats": e.ref_stats}
     start_time = time.perf_counter()
     if e.samples_npz:
-        with np.load(e.samples_npz) as f:
-            images = f["arr_0"] if "arr_0" in f else f["images"]
-        stats.add(extractor, images)
+        stats = _npz_stats(e.samples_npz, extractor, keep_features)
         row["samples"] = e.samples_npz
     else:
-        gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None,
-                        list(mesh.devices.flat))
-        row.update(step=gen.step, ema_rate=s.ema_rate or gen.config.train.ema_rates[0],
-                   sigmas=list(s.sigmas), ts=list(s.ts), num_scales=s.num_scales, seed=s.seed)
-        progress = os.path.join(workdir, "eval", "partial", _run_tag(row, e.num_samples))
-        stats = sample_stats(gen, extractor, s, e.num_samples, progress, e.chunk_size)
+        stats = _sampled_stats(config, workdir, mesh, extractor, row, keep_features)
     row["num_samples"] = stats.pool3.n
     row["fid"] = fid.fid_from_stats(stats.pool3, ref_pool3)
     if ref_spatial is not None:
         row["sfid"] = fid.frechet_distance(stats.spatial.mean, stats.spatial.cov, *ref_spatial)
-    row["inception_score"] = "unavailable: the FID Inception weights have no classifier"
+    features = stats.features if keep_features else None
+    row.update(_manifold_metrics(features, ref_features))
+    row.update(_inception_score(features, weight))
+    if e.classifier_path:
+        row["classifier"] = e.classifier_path
     row["seconds"] = round(time.perf_counter() - start_time, 1)
     path = os.path.join(workdir, "eval", "metrics.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -17,8 +17,9 @@ so numbers are comparable with published ones:
   ``(x·y / d + 1)³``, averaged over random subsets, as clean-fid and torch-fidelity.
 * Inception Score (Salimans et al. 2016): ``exp(E_x KL(p(y|x) || p(y)))`` over 10 splits, as
   the original ``improved-gan`` code. It needs class probabilities from the graph's 2048->1008
-  ``softmax`` layer, which the FID weights file (``default_1.pt``) does not contain: only the
-  math is here, and :func:`classifier_probs` applies classifier weights the user supplies.
+  ``softmax/logits`` layer, which the FID weights file (``default_1.pt``) does not contain:
+  :func:`classifier_probs` applies weights the user supplies (``classifier.py`` reads them
+  from pytorch-fid's weights file).
 """
 from __future__ import annotations
 
@@ -258,15 +259,17 @@ def kernel_inception_distance(real_features, fake_features, num_subsets: int = 1
     defaults of torch-fidelity and clean-fid). Unbiased, so it is ~0 (and can be slightly
     negative) for samples of one distribution, whatever their size. float64, numpy.
     """
-    real = np.asarray(real_features, np.float64)
-    fake = np.asarray(fake_features, np.float64)
+    # Only the subsets go to float64: 50,000 features of each set would take 800 MB apiece.
+    real, fake = np.asarray(real_features), np.asarray(fake_features)
     m = min(len(real), len(fake), subset_size)
     if m < 2:
         raise ValueError("KID needs at least 2 features in each set")
     rng = np.random.default_rng(seed)
-    mmds = [mmd2_unbiased(fake[rng.choice(len(fake), m, replace=False)],
-                          real[rng.choice(len(real), m, replace=False)])
-            for _ in range(num_subsets)]
+
+    def subset(features):
+        return features[rng.choice(len(features), m, replace=False)].astype(np.float64)
+
+    mmds = [mmd2_unbiased(subset(fake), subset(real)) for _ in range(num_subsets)]
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
@@ -298,9 +301,12 @@ def inception_score(probs, splits: int = 10) -> tuple[float, float]:
 
 def classifier_probs(pool3, weight, bias=None) -> np.ndarray:
     """softmax(pool3 · W (+ b)) with user-supplied weights of the graph's ``softmax/logits``
-    layer (W [2048, 1008], b [1008]). They are not in the FID weights file, so they must be
-    exported from ``classify_image_graph_def.pb`` by the user. guided-diffusion uses W
-    only (no bias); the original IS code used the graph's full ``softmax:0`` (with bias).
+    layer (W [2048, 1008], b [1008]; pytorch-fid's ``fc.weight``.T and ``fc.bias``).
+
+    For the Inception Score leave ``bias`` out: the original IS code (improved-gan's
+    ``inception_score.py``) and guided-diffusion's evaluator both take W as the input of the
+    op ``softmax/logits/MatMul`` and compute softmax(pool3 · W), without the bias (torch-fidelity's
+    ``logits_unbiased``). With ``bias`` this is the graph's own ``softmax:0``.
     """
     logits = np.asarray(pool3, np.float64) @ np.asarray(weight, np.float64)
     if bias is not None:
