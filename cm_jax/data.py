@@ -6,9 +6,9 @@ out as float32 images in [-1, 1] (NHWC) and int32 labels.
 The module reads top to bottom:
 
 1. Pixel conversion: `normalize` / `to_uint8`, shared with sampling and FID code.
-2. `ImageDataset` and `load_split`: a whole split read into memory from local npz shards
-   (`config.data.dir`) or, when that is empty, from tfds. Every layout problem raises one
-   error that names it, before training starts.
+2. `ImageDataset` and `load_split`: a whole split read into memory from local npz shards or
+   a folder of image files (`config.data.dir`) or, when that is empty, from tfds. Every
+   layout problem raises one error that names it, before training starts.
 3. The order: `batch_indices`, `flip_mask` and `host_batch` are pure functions of
    (seed, step, batch size, dataset size). The batch for step `s` never depends on how many
    batches were drawn before, so a run resumed at step `s` after pre-emption sees exactly
@@ -136,13 +136,18 @@ def load_split(data_config) -> ImageDataset:
     """Read the split `data_config.split` fully into memory and check it against the config.
 
     `data_config` is `config.data`. With `dir` set, the split comes from npz shards in that
-    folder (see `_split_files`); with `dir` empty, from `tfds.load(dataset)`. The tfds path
+    folder (see `_split_files`) or, where it has none, from image files (`_image_folder`);
+    with `dir` empty, from `tfds.load(dataset)`. The tfds path
     materialises the whole split through TensorFlow, which suits CIFAR-sized data; larger
     datasets (ImageNet-64) should be converted once to npz shards and read from `dir`.
     Nothing on disk is written.
     """
     image_size, num_channels = int(data_config.image_size), int(data_config.num_channels)
-    if data_config.dir:
+    folder = _image_folder(data_config.dir, data_config.split) if data_config.dir else None
+    if folder:
+        images, labels = _load_image_folder(folder, image_size, num_channels)
+        source = f"image folder {folder}"
+    elif data_config.dir:
         images, labels = _load_npz_split(
             data_config.dir, data_config.split, image_size, num_channels
         )
@@ -179,8 +184,64 @@ def _split_files(folder: str, split: str) -> list[str]:
         return [single]
     raise FileNotFoundError(
         f"no shards for split {split!r} in data folder {folder!r}: expected {split}-*.npz "
-        f"or {split}.npz"
+        f"or {split}.npz, or image files in {os.path.join(folder, split)} or in the folder"
     )
+
+
+# Pillow reads these; the folder layout follows torchvision's ImageFolder.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files under `folder` (recursively), sorted by path."""
+    found = []
+    for root, _, names in os.walk(folder):
+        found += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(found)
+
+
+def _image_folder(folder: str, split: str) -> str | None:
+    """The image folder holding `split`: `folder/split` if it has images, else `folder` itself
+    when it has images and no npz shards; None for an npz layout (or nothing usable)."""
+    if not os.path.isdir(folder) or glob.glob(os.path.join(glob.escape(folder), "*.npz")):
+        return None
+    for candidate in (os.path.join(folder, split), folder):
+        if os.path.isdir(candidate) and _image_files(candidate):
+            return candidate
+    return None
+
+
+def _load_image_folder(
+    folder: str, image_size: int, num_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """All image files under `folder` as uint8 NHWC, in path order. Images directly in the
+    folder get label 0; with class subfolders (`folder/<class>/…`, as ImageNet), the label
+    is the class's index in the sorted subfolder names. Images are not resized: one of
+    another size is an error naming the file."""
+    from PIL import Image  # Only the image-folder path needs Pillow.
+
+    files = _image_files(folder)
+    relative = [os.path.relpath(path, folder) for path in files]
+    classes = sorted({r.split(os.sep)[0] for r in relative if os.sep in r})
+    loose = [r for r in relative if os.sep not in r]
+    if classes and loose:
+        raise ValueError(f"image folder {folder!r} mixes images at its top ({loose[0]}) with "
+                         f"class subfolders ({classes[0]}/…); use one layout")
+    mode = {1: "L", 3: "RGB"}.get(num_channels)
+    if mode is None:
+        raise ValueError(f"image folder {folder!r}: images can be read with 1 or 3 channels, "
+                         f"config.data.num_channels is {num_channels}")
+    images = np.empty((len(files), image_size, image_size, num_channels), np.uint8)
+    for i, path in enumerate(files):
+        with Image.open(path) as image:
+            if image.size != (image_size, image_size):
+                raise ValueError(f"{path}: image size is {image.size[1]}x{image.size[0]}, but "
+                                 f"config.data.image_size is {image_size} (images are not "
+                                 f"resized)")
+            images[i] = np.asarray(image.convert(mode)).reshape(images.shape[1:])
+    index = {name: k for k, name in enumerate(classes)}
+    labels = np.array([index[r.split(os.sep)[0]] if classes else 0 for r in relative], np.int32)
+    return images, labels
 
 
 def _load_npz_split(

@@ -31,7 +31,7 @@ def base_config():
 
     c.data = dict(
         dataset="cifar10",
-        dir="",              # Folder of npz shards (images uint8 NHWC, labels); "" = tfds.
+        dir="",              # npz shards (images uint8 NHWC, labels) or image files; "" = tfds.
         split="train",
         image_size=32,
         num_channels=3,

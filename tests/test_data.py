@@ -182,6 +182,44 @@ def test_folder_without_matching_shards_raises(shard_dir):
         data.load_split(make_data_config(dir=str(shard_dir[0]), split="validation"))
 
 
+def _write_pngs(folder, images):
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
+
+
+def test_image_folder_with_class_subfolders_reads_pixels_and_labels(tmp_path):
+    images, _ = random_arrays(5)
+    _write_pngs(tmp_path / "train" / "cat", images[:2])   # class 0 (sorted names)
+    _write_pngs(tmp_path / "train" / "dog", images[2:])   # class 1
+    dataset = data.load_split(make_data_config(dir=str(tmp_path)))
+    np.testing.assert_array_equal(dataset.images, images)  # PNG is lossless
+    assert dataset.labels.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_flat_image_folder_is_the_split_itself_with_label_zero(tmp_path):
+    images, _ = random_arrays(3)
+    _write_pngs(tmp_path, images)
+    dataset = data.load_split(make_data_config(dir=str(tmp_path), split="anything"))
+    np.testing.assert_array_equal(dataset.images, images)
+    assert dataset.labels.tolist() == [0, 0, 0]
+
+
+def test_bad_image_folders_raise_one_clear_error(tmp_path):
+    images, _ = random_arrays(2, size=10)
+    _write_pngs(tmp_path / "sized", images)
+    with pytest.raises(ValueError, match=r"000.png: image size is 10x10, but config.data.image_size is 8"):
+        data.load_split(make_data_config(dir=str(tmp_path / "sized")))
+    _write_pngs(tmp_path / "mixed", random_arrays(1)[0])
+    _write_pngs(tmp_path / "mixed" / "cat", random_arrays(1)[0])
+    with pytest.raises(ValueError, match="mixes images at its top"):
+        data.load_split(make_data_config(dir=str(tmp_path / "mixed")))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="or image files in"):
+        data.load_split(make_data_config(dir=str(tmp_path / "empty")))
+
+
 def test_image_dataset_validates_arrays():
     images, labels = random_arrays(4)
     dataset = data.ImageDataset(images=images, labels=labels)
