@@ -14,6 +14,18 @@ class RunError(ValueError):
     """A workdir that cannot serve as asked; the message names the problem."""
 
 
+def split_checkpoint_path(path, step=None):
+    """(workdir, step) for a run's workdir or one of its checkpoints, `<workdir>/checkpoints/<step>`
+    (what a user finds on disk and may paste); `step` (None or 0: the newest) must then agree."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if os.path.basename(parent) != "checkpoints" or not name.isdigit():
+        return path, step
+    if step and int(step) != int(name):
+        raise RunError(f"{path!r} is the checkpoint of step {name}, but step {step} was asked "
+                       f"for: give the run's workdir, or leave the step at 0.")
+    return os.path.dirname(parent), int(name)
+
+
 def read_run_config(workdir):
     """The config.json a run wrote into its workdir."""
     path = os.path.join(workdir, "config.json")

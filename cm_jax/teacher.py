@@ -1,5 +1,6 @@
-"""The frozen teacher of consistency distillation: an EDM run's evaluation EMA, read from the
-workdir that trained it (its config.json says which network to build).
+"""The frozen teacher of consistency (and progressive) distillation: an EDM run's evaluation
+EMA, read from the workdir that trained it (its config.json says which network to build), or
+from one of its checkpoint folders (`<workdir>/checkpoints/<step>`).
 """
 import jax
 
@@ -14,9 +15,9 @@ def load_teacher(teacher_config, mesh):
     """(network, the run's config, params) of the teacher's EMA at `teacher.ema_rate` (0: its
     first), replicated over `mesh`. The whole teacher state is restored, then all but that EMA
     is dropped."""
-    workdir = teacher_config.workdir
     try:
-        run_config, net, state = runs.restore_run(workdir, mesh, teacher_config.step)
+        workdir, step = runs.split_checkpoint_path(teacher_config.workdir, teacher_config.step)
+        run_config, net, state = runs.restore_run(workdir, mesh, step)
         params = runs.ema_params(run_config, state, teacher_config.ema_rate)
     except runs.RunError as e:
         raise TeacherError(f"teacher.workdir: {e}") from e

@@ -66,7 +66,7 @@ def base_config():
                    beta2=0.999, eps=1e-8, weight_decay=0.0)
     c.edm = dict(p_mean=-1.2, p_std=1.2, sample_steps=18)
     c.teacher = dict(
-        workdir="",               # cd, pd: the --workdir of a trained method="edm" run
+        workdir="",               # cd, pd: a method="edm" run's --workdir (or checkpoints/<step>)
         ema_rate=0.0,             # which of its EMAs; 0 = its first
         step=0,                   # which checkpoint; 0 = the newest
         solver="heun",            # CD: the teacher's ODE step, heun (CM) | euler

@@ -56,3 +56,21 @@ def test_bad_teachers_are_clear_errors(teacher_workdir, tmp_path):
     config.step = 999
     with pytest.raises(teacher.TeacherError, match="no checkpoint at step 999"):
         teacher.load_teacher(config, create_mesh())
+
+
+def test_teacher_may_be_given_as_a_checkpoint_folder(teacher_workdir):
+    mesh = create_mesh()
+    _, _, newest = teacher.load_teacher(_teacher_config(teacher_workdir), mesh)
+    config = _teacher_config(os.path.join(teacher_workdir, "checkpoints", "2"))
+    _, _, at_2 = teacher.load_teacher(config, mesh)
+    config = _teacher_config(teacher_workdir)
+    config.step = 2
+    _, _, by_step = teacher.load_teacher(config, mesh)
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+    for a, b in zip(leaves(at_2), leaves(by_step), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(at_2), leaves(newest)))
+    config = _teacher_config(os.path.join(teacher_workdir, "checkpoints", "2"))
+    config.step = 4
+    with pytest.raises(teacher.TeacherError, match="checkpoint of step 2, but step 4"):
+        teacher.load_teacher(config, mesh)
