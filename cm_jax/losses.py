@@ -41,6 +41,14 @@ def metric(loss_config):
     return lambda x, y, frozen: distance(x, y)
 
 
+def _weighted_loss(distances_per_example, sigma_lo, sigma_hi, weighting, num_scales):
+    """(mean of λ(σ_lo, σ_hi)·d, metrics): the loss of CT, CD and PD over a batch."""
+    weight = schedules.pair_weight(sigma_lo, sigma_hi, weighting)
+    loss = jnp.mean(weight * distances_per_example)
+    return loss, {"loss": loss, "num_scales": num_scales,
+                  "unweighted_distance": jnp.mean(distances_per_example)}
+
+
 def _consistency_loss(net, config, target_input):
     """The body shared by CT and CD (CM Algorithms 2 and 3).
 
@@ -75,11 +83,8 @@ def _consistency_loss(net, config, target_input):
         target = f(target_params, x_lo, sigma_lo, labels, dropout_rng=dropout_rng)
         target = jax.lax.stop_gradient(target)
 
-        weight = schedules.pair_weight(sigma_lo, sigma_hi, lc.weighting)
-        per_example = weight * distance(online, target, frozen)
-        loss = jnp.mean(per_example)
-        return loss, {"loss": loss, "num_scales": num_scales,
-                      "unweighted_distance": jnp.mean(per_example / weight)}
+        return _weighted_loss(distance(online, target, frozen), sigma_lo, sigma_hi, lc.weighting,
+                              num_scales)
 
     return loss_fn
 
@@ -186,11 +191,8 @@ def progressive_distillation_loss(net, config, teacher_net=None):
         student = denoiser(params, x_hi, sigma_hi, labels, train=True, dropout_rng=dropout_rng)
         teacher = lambda v, s: denoiser(target_params, v, s, labels)
         target = jax.lax.stop_gradient(pd_target(teacher, x_hi, sigma_hi, sigma_mid, sigma_lo))
-        weight = schedules.pair_weight(sigma_lo, sigma_hi, lc.weighting)
-        per_example = weight * distance(student, target, frozen)
-        loss = jnp.mean(per_example)
-        return loss, {"loss": loss, "num_scales": num_steps,
-                      "unweighted_distance": jnp.mean(per_example / weight)}
+        return _weighted_loss(distance(student, target, frozen), sigma_lo, sigma_hi, lc.weighting,
+                              num_steps)
 
     return loss_fn
 

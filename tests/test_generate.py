@@ -113,7 +113,7 @@ def test_class_conditional_run_trains_samples_and_records_its_labels(tiny_shards
     with pytest.raises(ValueError, match=r"labels must be 4 ints in \[0, 10\)"):
         gen.sample(4, labels=[0, 1, 2, 10])
 
-    config.sample.update(num_samples=6, seed=2, out_dir=str(tmp_path / "s"))
+    config.sample.update(num_samples=6, seed=2, batch_size=8, out_dir=str(tmp_path / "s"))
     npz, _ = generate.run_sample(config, str(tmp_path / "run"))
     with np.load(npz) as f:
         assert f["arr_1"].tolist() == drawn.tolist() and f["arr_0"].shape == (6, 16, 16, 3)

@@ -6,11 +6,12 @@ import pytest
 
 from cm_jax import checkpoint, data, lpips, models, optim, train_state, trainer
 from configs import cifar10_ct, cifar10_edm, cifar10_ict
+from toy_networks import TinyNet
 
 
-def _setup(config, devices):
+def _setup(config, devices, net=None):
     mesh = train_state.create_mesh(devices)
-    net = models.create_model(config.model)
+    net = net or models.create_model(config.model)
     tx, lr = optim.make_optimizer(config.optim)
     state = train_state.init_train_state(config, net, tx, mesh)
     return mesh, net, tx, lr, state
@@ -27,8 +28,8 @@ def _batches(config, mesh, steps):
         return [batch for _, (_, batch) in zip(range(steps), it)]
 
 
-def _run(config, devices, steps=2):
-    mesh, net, tx, lr, state = _setup(config, devices)
+def _run(config, devices, steps=2, net=None):
+    mesh, net, tx, lr, state = _setup(config, devices, net)
     step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
     metrics = []
     for batch in _batches(config, mesh, steps):
@@ -55,9 +56,10 @@ def test_eight_devices_equal_one_device():
 
 def test_scanned_steps_equal_single_steps():
     config = cifar10_ct.get_config("test")
-    single, _ = _run(config, jax.devices(), steps=2)
+    net = TinyNet()  # What is checked is the scan, not the network: a small one compiles fast.
+    single, _ = _run(config, jax.devices(), steps=2, net=net)
     config.train.steps_per_call = 2
-    scanned, _ = _run(config, jax.devices(), steps=1)
+    scanned, _ = _run(config, jax.devices(), steps=1, net=net)
     assert int(scanned.step) == 2
     _assert_trees_close(single.params, scanned.params, rtol=1e-5, atol=1e-6)
 
