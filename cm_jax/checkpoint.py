@@ -16,7 +16,8 @@ class CheckpointError(RuntimeError):
 
 
 def abstract_like(state):
-    """Shapes, dtypes and shardings of `state`: the restore target.
+    """Shapes, dtypes and shardings of `state` (arrays, or already ShapeDtypeStructs): the
+    restore target.
 
     Restoring onto the current run's shardings is what lets a state saved on 8 devices be
     read on 1 (or the reverse).
@@ -48,8 +49,9 @@ class Checkpointer:
     def restore(self, template_state, step=None):
         """(state, meta) of `step` (default: the newest), or None when there is no checkpoint.
 
-        `template_state` is a freshly initialised state whose structure, shapes and shardings the
-        restored one must take; a mismatch (a different model config, say) is one clear error.
+        `template_state` is a freshly initialised state, or its `abstract_train_state`, whose
+        structure, shapes and shardings the restored one must take; a mismatch (a different
+        model config, say) is one clear error.
         """
         step = self.latest_step() if step is None else step
         if step is None:

@@ -7,7 +7,7 @@ import os
 from ml_collections import config_dict
 
 from cm_jax import checkpoint, models, optim
-from cm_jax.train_state import ema_key, init_train_state
+from cm_jax.train_state import abstract_train_state, ema_key
 
 
 class RunError(ValueError):
@@ -41,7 +41,7 @@ def restore_run(workdir, mesh, step=None):
     config = read_run_config(workdir)
     net = models.create_model(config.model)
     tx, _ = optim.make_optimizer(config.optim)
-    template = init_train_state(config, net, tx, mesh)
+    template = abstract_train_state(config, net, tx, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         available = ckpt.all_steps()

@@ -58,12 +58,8 @@ def init_params(config, net, rng):
     return net.init({"params": rng}, x, jnp.zeros((1,)), labels, train=False)["params"]
 
 
-def init_train_state(config, net, tx, mesh, initial_params=None):
-    """A fresh state on the devices, replicated over the mesh.
-
-    initial_params: start θ (and θ⁻ and the EMAs) from these instead of the initialiser, as
-    consistency distillation does from its teacher.
-    """
+def _state_initialiser(config, net, tx):
+    """(rng, initial params or None) -> a fresh TrainState (traceable)."""
     has_target = config.method in METHODS_WITH_TARGET
 
     def init(rng, initial):
@@ -77,8 +73,27 @@ def init_train_state(config, net, tx, mesh, initial_params=None):
             opt_state=tx.init(params),
             rng=state_rng)
 
+    return init
+
+
+def init_train_state(config, net, tx, mesh, initial_params=None):
+    """A fresh state on the devices, replicated over the mesh.
+
+    initial_params: start θ (and θ⁻ and the EMAs) from these instead of the initialiser, as
+    consistency distillation does from its teacher.
+    """
+    init = _state_initialiser(config, net, tx)
     return jax.jit(init, out_shardings=replicated(mesh))(
         jax.random.PRNGKey(config.train.seed), initial_params)
+
+
+def abstract_train_state(config, net, tx, mesh):
+    """The shapes, dtypes and (replicated) shardings of a fresh state, computing nothing: the
+    restore target of a trained run, which needs no initialised weights nor their compilation."""
+    init = _state_initialiser(config, net, tx)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(config.train.seed), None)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes)
 
 
 def count_params(params):
