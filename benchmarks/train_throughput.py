@@ -12,7 +12,8 @@ check the script; `--count-only` only counts FLOPs (runs on a CPU).
 
 Recipes: ct (l2), ict, edm (the diffusion teacher), cd (configs/cifar10_cd_l2.py: a Heun step
 of a frozen EDM teacher per example) and pd (configs/cifar10_pd.py: two Euler half-steps of the
-teacher θ⁻ held in the state). The distillation teachers are randomly initialised networks of
+teacher θ⁻ held in the state) and ect (configs/cifar10_ect.py, batch 128 in the paper: a
+student and a stop-gradient target pass, started from the teacher). The distillation teachers are randomly initialised networks of
 the student's architecture, passed to the step exactly as `trainer.train_and_evaluate` passes a
 trained one (`frozen={"teacher": params}` and `teacher_net` for cd; θ⁻ for pd), so the step's
 cost is that of a real run.
@@ -36,11 +37,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_jax import data, models, optim, train_state, trainer  # noqa: E402
-from configs import (cifar10_cd_l2, cifar10_ct, cifar10_edm, cifar10_ict, cifar10_pd,  # noqa: E402
-                     common)
+from configs import (cifar10_cd_l2, cifar10_ct, cifar10_ect, cifar10_edm, cifar10_ict,  # noqa: E402
+                     cifar10_pd, common)
 
 RECIPES = {"ct": cifar10_ct, "ict": cifar10_ict, "edm": cifar10_edm, "cd": cifar10_cd_l2,
-           "pd": cifar10_pd}
+           "pd": cifar10_pd, "ect": cifar10_ect}
 TEACHER_SEED = 1  # the random teacher's initialiser key (the student's own init uses train.seed)
 
 
@@ -83,10 +84,10 @@ def recipe_config(recipe, dtype, batch, tiny, overrides=()):
 def random_teacher(config, net, mesh):
     """(teacher_net, frozen, the student's initial params) as `trainer.train_and_evaluate`
     builds them from `load_frozen_networks` and `initial_student`, with a randomly initialised
-    network of the student's architecture as the teacher of cd and pd. PD moves it out of
-    `frozen` into the state's θ⁻; CD keeps it frozen and starts the student from it
-    (teacher.init_student)."""
-    if config.method not in ("cd", "pd"):  # no teacher; LPIPS weights where configured
+    network of the student's architecture as the teacher of cd, pd and ect. PD moves it out
+    of `frozen` into the state's θ⁻, ECT only starts from it; CD keeps it frozen and starts
+    the student from it (teacher.init_student)."""
+    if config.method not in ("cd", "pd", "ect"):  # no teacher; LPIPS weights where configured
         teacher_net, frozen = trainer.load_frozen_networks(config, mesh)
         return teacher_net, frozen, None
     init = jax.jit(lambda rng: train_state.init_params(config, net, rng),

@@ -14,6 +14,8 @@ Methods:
 - "cd":  consistency distillation (CM Algorithm 2) from an EDM teacher, same options.
 - "pd":  progressive distillation (Salimans & Ho 2022), the CM paper's baseline: an EDM
          denoiser learns in one Euler step what its teacher θ⁻ does in two.
+- "ect": easy consistency training (Geng et al. 2025): CT in continuous time with a gap
+         t − r that shrinks by stages, started from a pretrained EDM model.
 """
 import functools
 
@@ -41,12 +43,12 @@ def metric(loss_config):
     return lambda x, y, frozen: distance(x, y)
 
 
-def _weighted_loss(distances_per_example, sigma_lo, sigma_hi, weighting, num_scales):
-    """(mean of λ(σ_lo, σ_hi)·d, metrics): the loss of CT, CD and PD over a batch."""
+def _weighted_loss(distances_per_example, sigma_lo, sigma_hi, weighting, **metrics):
+    """(mean of λ(σ_lo, σ_hi)·d, metrics): the loss of CT, CD, PD and ECT over a batch."""
     weight = schedules.pair_weight(sigma_lo, sigma_hi, weighting)
     loss = jnp.mean(weight * distances_per_example)
-    return loss, {"loss": loss, "num_scales": num_scales,
-                  "unweighted_distance": jnp.mean(distances_per_example)}
+    return loss, {"loss": loss, "unweighted_distance": jnp.mean(distances_per_example),
+                  **metrics}
 
 
 def _consistency_loss(net, config, target_input):
@@ -84,7 +86,7 @@ def _consistency_loss(net, config, target_input):
         target = jax.lax.stop_gradient(target)
 
         return _weighted_loss(distance(online, target, frozen), sigma_lo, sigma_hi, lc.weighting,
-                              num_scales)
+                              num_scales=num_scales)
 
     return loss_fn
 
@@ -121,6 +123,46 @@ def consistency_distillation_loss(net, config, teacher_net):
         return solver(denoise, x_hi, sigma_hi, sigma_lo)
 
     return _consistency_loss(net, config, teacher_ode_step)
+
+
+def easy_consistency_training_loss(net, config, teacher_net=None):
+    """L_ECT (Geng et al. 2025, "Consistency Models Made Easy"; locuslab/ect `ECMLoss`):
+    consistency training in continuous time, θ⁻ = stop_gradient(θ).
+
+    One example: t ~ LogNormal(P_mean, P_std), r = `schedules.ect_r`(t, stage(k)), one z ~ N(0, I),
+      online = f_θ(x + t·z, t)
+      target = sg(f_θ(x + r·z, r)), and the clean image x where r = 0 (f(x, 0) = x)
+      loss   = λ(r, t)·d(online, target),  λ = 1/(t − r) and d = ‖·‖₂ on CIFAR-10.
+    Both passes share the dropout key. While training, f uses the plain EDM scalings (σ_min = 0)
+    unless ect.boundary_in_training: the official `ECMPrecond` switches to the σ_min-offset
+    boundary scalings only to sample, which here is every other use of a consistency model.
+    """
+    del teacher_net  # The teacher only initialises θ (trainer.initial_student).
+    kc, lc, ec = config.karras, config.loss, config.ect
+    distance = metric(lc)
+    f = functools.partial(precond.consistency_fn, net, sigma_data=kc.sigma_data, train=True,
+                          sigma_min=kc.sigma_min if ec.boundary_in_training else 0.0)
+
+    def loss_fn(params, target_params, batch, rng, step, frozen=None):
+        del target_params  # ECT's target is the online network itself, without gradient.
+        x, labels = batch["image"], _labels(batch, config.model)
+        t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+        t = schedules.edm_sample_sigma(t_rng, x.shape[0], lc.p_mean, lc.p_std)
+        stage = schedules.ect_stage(step, ec.stage_steps)
+        r = schedules.ect_r(t, stage, ec.q, ec.k, ec.b, ec.mapping)
+        z = jax.random.normal(noise_rng, x.shape, x.dtype)
+
+        online = f(params, x + karras.per_example(t, x) * z, t, labels, dropout_rng=dropout_rng)
+        at_data = r <= 0.0
+        r_safe = jnp.where(at_data, t, r)  # ln(0) would make the (discarded) rows NaN.
+        target = f(jax.lax.stop_gradient(params), x + karras.per_example(r_safe, x) * z, r_safe,
+                   labels, dropout_rng=dropout_rng)
+        target = jax.lax.stop_gradient(jnp.where(karras.per_example(at_data, x), x, target))
+
+        return _weighted_loss(distance(online, target, frozen), r, t, lc.weighting,
+                              ect_stage=stage, target_at_data=jnp.mean(at_data))
+
+    return loss_fn
 
 
 def edm_loss(net, config, teacher_net=None):
@@ -192,13 +234,13 @@ def progressive_distillation_loss(net, config, teacher_net=None):
         teacher = lambda v, s: denoiser(target_params, v, s, labels)
         target = jax.lax.stop_gradient(pd_target(teacher, x_hi, sigma_hi, sigma_mid, sigma_lo))
         return _weighted_loss(distance(student, target, frozen), sigma_lo, sigma_hi, lc.weighting,
-                              num_steps)
+                              num_scales=num_steps)
 
     return loss_fn
 
 
 LOSSES = {"ct": consistency_training_loss, "cd": consistency_distillation_loss, "edm": edm_loss,
-          "pd": progressive_distillation_loss}
+          "pd": progressive_distillation_loss, "ect": easy_consistency_training_loss}
 
 
 def get_loss_fn(net, config, teacher_net=None):

@@ -5,6 +5,8 @@
 - μ(k): the decay of the target network θ⁻ ← μ·θ⁻ + (1−μ)·θ (CM Algorithm 3).
 - PD's stages: when a new stage starts (the student becomes the teacher) and the
   learning-rate factor within a stage.
+- ECT's continuous-time gap: the target's noise level r for a student at t, shrinking by
+  stages.
 - Which adjacent pair (σ_i, σ_{i+1}) of the grid a training example uses, and its weight λ.
 
 All functions are jit-safe in the step k and in N (integers may be traced), because N changes
@@ -130,6 +132,62 @@ def pd_lr_factor(k, start_scales=4096, stage_steps=50_000):
     # The steps left in integers, then one division: no float32 cancellation near 0.
     left = jnp.maximum(first + length - jnp.asarray(k, jnp.int32), 0)
     return left.astype(jnp.float32) / length.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- ECT's Δt
+# Easy consistency training (ECT; Geng et al. 2025, "Consistency Models Made Easy",
+# locuslab/ect `ECMLoss`) trains in continuous time: t is drawn lognormally and the target sits
+# at r = t − Δt, with Δt/t = q^{−(s+1)}·n(t) at stage s = ⌊k/d⌋ (d optimizer steps per stage),
+# so Δt shrinks by q every stage: the continuous analogue of iCT doubling N. n(t) widens the gap
+# at small t ("sigmoid" mapping n(t) = 1 + k·sigmoid(−b·t); "const": n = 1). r is clamped at 0,
+# where the target is the data itself. (The official loop enters stage s one iteration later,
+# at 1 + s·d, because its first progress tick is a single iteration.)
+ECT_MAPPINGS = ("sigmoid", "const")
+_ECT_SMALLEST_RATIO = 1e-5  # Δt/t below this vanishes in float32 (r would equal t).
+
+
+def ect_stage(k, stage_steps):
+    """s = ⌊k/d⌋, the number of times Δt has shrunk by q at step k (k may be traced)."""
+    return jnp.asarray(k, jnp.int32) // stage_steps
+
+
+def ect_dt_ratio(t, stage, q=2.0, k=8.0, b=1.0, mapping="sigmoid"):
+    """Δt/t = q^{−(s+1)}·n(t), with n(t) = 1 + k·sigmoid(−b·t) or 1 ("const")."""
+    if mapping == "sigmoid":
+        n = 1.0 + k * jax.nn.sigmoid(-b * t)
+    elif mapping == "const":
+        n = jnp.ones_like(t)
+    else:
+        raise ValueError(f"Unknown ECT mapping {mapping!r}: use one of {ECT_MAPPINGS}.")
+    decay = jnp.power(jnp.float32(q), -(jnp.asarray(stage, jnp.float32) + 1.0))
+    return decay * n
+
+
+def ect_r(t, stage, q=2.0, k=8.0, b=1.0, mapping="sigmoid"):
+    """r = max(t·(1 − Δt/t), 0): the target's noise level for a student at t.
+
+    CIFAR-10 (q = 2, k = 8, b = 1) at stage 0: Δt/t = ½·(1 + 8·sigmoid(−t)), so r = 0 for every
+    t ≤ ln 7 ≈ 1.95 (the target is the clean image), r ≈ 1.712 at t = 4 and r = 40 at t = 80."""
+    return jnp.maximum(t * (1.0 - ect_dt_ratio(t, stage, q, k, b, mapping)), 0.0)
+
+
+def check_ect_schedule(ect_config, num_steps):
+    """One clear error for an ECT schedule whose Δt cannot be represented, before training."""
+    c = ect_config
+    if c.mapping not in ECT_MAPPINGS:
+        raise ValueError(f"ect.mapping={c.mapping!r}: use one of {ECT_MAPPINGS}.")
+    if c.q <= 1.0:
+        raise ValueError(f"ect.q={c.q} must be > 1: Δt shrinks by q every stage.")
+    if c.stage_steps < 1:
+        raise ValueError(f"ect.stage_steps={c.stage_steps} must be at least 1.")
+    last_stage = (num_steps - 1) // c.stage_steps
+    smallest = float(c.q) ** -(last_stage + 1)
+    if smallest < _ECT_SMALLEST_RATIO:
+        raise ValueError(
+            f"ECT reaches stage {last_stage} of train.num_steps={num_steps}, where Δt/t = "
+            f"q^-{last_stage + 1} = {smallest:.1e} is below float32's resolution "
+            f"({_ECT_SMALLEST_RATIO:.0e}) and the target would equal the student: raise "
+            f"ect.stage_steps={c.stage_steps} or lower ect.q={c.q}.")
 
 
 # --------------------------------------------------------------------------- any schedule

@@ -150,14 +150,20 @@ def validate_config(config):
     if config.method == "pd":
         schedules.check_pd_schedule(config.schedule.pd_start_scales,
                                     config.schedule.pd_stage_steps)
+    if config.method == "ect":
+        schedules.check_ect_schedule(config.ect, t.num_steps)
+        if config.teacher.init_student and not config.teacher.workdir:
+            raise ValueError("ECT starts from a pretrained diffusion model: set "
+                             "config.teacher.workdir to a method='edm' run, or "
+                             "config.teacher.init_student=False to train from scratch.")
 
 
 def load_frozen_networks(config, mesh):
     """(teacher network or None, frozen) where frozen holds the parameters the loss reads but
-    never trains: "teacher" (the EDM teacher of CD and PD) and "lpips" (the LPIPS VGG16),
-    replicated."""
+    never trains: "teacher" (the EDM teacher of CD and PD, ECT's starting point) and "lpips"
+    (the LPIPS VGG16), replicated."""
     teacher_net, frozen = None, {}
-    if config.method in ("cd", "pd"):
+    if config.method in ("cd", "pd") or (config.method == "ect" and config.teacher.init_student):
         teacher_net, _, frozen["teacher"] = teacher.load_teacher(config.teacher, mesh)
         logging.info("Teacher: %s", config.teacher.workdir)
     if config.method != "edm" and config.loss.distance == "lpips":
@@ -169,8 +175,8 @@ def load_frozen_networks(config, mesh):
 def initial_student(config, net, frozen):
     """θ to start from instead of the initialiser, or None. CD starts from its teacher when
     teacher.init_student (the official runs); PD always does, and then keeps its teacher in
-    the state as θ⁻ only, so it leaves `frozen`."""
-    if config.method == "pd":
+    the state as θ⁻ only, and ECT's loss never reads it, so both take it out of `frozen`."""
+    if config.method == "pd" or (config.method == "ect" and "teacher" in frozen):
         params = frozen.pop("teacher")
     elif config.method == "cd" and config.teacher.init_student:
         params = frozen["teacher"]

@@ -22,11 +22,32 @@ def tiny_ncsnpp(nf=16):
     return model
 
 
+def adm_imagenet64():
+    """ADM (guided-diffusion's U-Net) as openai/consistency_models trains it on ImageNet 64:
+    192 channels, 3 blocks per level, attention at 32, 16 and 8 with 64-channel heads,
+    scale-shift norm, residual up/down-sampling, class-conditional (295,899,267 parameters)."""
+    return ml_collections.ConfigDict(dict(
+        name="adm", model_channels=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+        attn_resolutions=(32, 16, 8), num_head_channels=64, num_heads=4,
+        use_scale_shift_norm=True, resblock_updown=True, conv_resample=True, dropout=0.0,
+        num_classes=1000, noise_scale=1000.0, dtype="float32",
+        attention_impl=ml_collections.config_dict.placeholder(str)))
+
+
+def tiny_adm():
+    """A small class-conditional ADM (under 1M parameters) with every component of the real
+    one, for CPUs: 10 classes, so CIFAR-10's labels stand in for ImageNet's."""
+    model = adm_imagenet64()
+    model.update(model_channels=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                 num_head_channels=32, num_classes=10)
+    return model
+
+
 def base_config():
     c = ml_collections.ConfigDict()
     # "ct" (CT and iCT; the schedule/loss fields pick the recipe), "cd" (distillation from an
     # EDM teacher), "edm" (the diffusion teacher itself) or "pd" (progressive distillation of
-    # an EDM teacher, the CM paper's baseline).
+    # an EDM teacher, the CM paper's baseline) or "ect" (easy consistency training).
     c.method = "ct"
 
     c.data = dict(
@@ -49,7 +70,7 @@ def base_config():
         lpips_resize=224,         # LPIPS: images smaller than this are resized up to it
         weighting="uniform",      # uniform | ict (1/Δσ) | snr | snrp1 | truncated_snr
         index_sampling="uniform", # uniform | lognormal (iCT)
-        p_mean=-1.1,              # lognormal pair sampling (iCT)
+        p_mean=-1.1,              # lognormal pair sampling (iCT), ECT's lognormal t
         p_std=2.0,
     )
     c.schedule = dict(
@@ -65,12 +86,22 @@ def base_config():
     c.optim = dict(name="radam", lr=4e-4, warmup_steps=0, grad_clip=0.0, beta1=0.9,
                    beta2=0.999, eps=1e-8, weight_decay=0.0)
     c.edm = dict(p_mean=-1.2, p_std=1.2, sample_steps=18)
+    # method="ect": the gap t − r of easy consistency training (schedules.ect_r); t is drawn
+    # lognormally with loss.p_mean and loss.p_std.
+    c.ect = dict(
+        mapping="sigmoid",        # Δt/t = q^{−(s+1)}·n(t): n = 1 + k·sigmoid(−b·t) | const: n = 1
+        q=2.0,                    # Δt shrinks by q every stage
+        k=8.0,
+        b=1.0,
+        stage_steps=25_000,       # optimizer steps per stage
+        boundary_in_training=False,  # True: train with the σ_min-offset scalings too
+    )
     c.teacher = dict(
-        workdir="",               # cd, pd: a method="edm" run's --workdir (or checkpoints/<step>)
+        workdir="",               # cd, pd, ect: a method="edm" run's --workdir (or checkpoints/<step>)
         ema_rate=0.0,             # which of its EMAs; 0 = its first
         step=0,                   # which checkpoint; 0 = the newest
         solver="heun",            # CD: the teacher's ODE step, heun (CM) | euler
-        init_student=True,        # CD: start θ from the teacher's weights (official runs); PD always does
+        init_student=True,        # CD, ECT: start θ from the teacher's weights (official runs); PD always does
     )
     # --mode=sample (launch.py): which checkpoint and EMA, and the time points.
     c.sample = dict(
@@ -183,4 +214,38 @@ def cd_config(distance, lr, variant):
         raise ValueError(f"Unknown variant {variant!r}: use cpu or test.")
     if variant and distance == "lpips":
         c.loss.distance = "l2"  # LPIPS needs the VGG16 backbone file; small variants use l2.
+    return c
+
+
+# ImageNet 64 (openai/consistency_models `scripts/launch.sh`)
+IMAGENET64_EMA_RATES = (0.999, 0.9999, 0.9999432189950708)
+
+
+def imagenet64_config(method):
+    """The ImageNet-64 settings every recipe shares: the class-conditional ADM, 64×64 images
+    with random flips, σ ∈ [0.002, 80], and the three evaluation EMAs of the official runs.
+    The data: 1.28M images as npz shards in `data.dir` (about 16 GB as uint8; e.g. guided-
+    diffusion's 64×64 downsampling of ImageNet), or tfds `imagenet_resized/64x64`."""
+    c = base_config()
+    c.method = method
+    c.model = adm_imagenet64()
+    c.data.update(dataset="imagenet_resized/64x64", image_size=64, random_flip=True)
+    c.train.update(ema_rates=IMAGENET64_EMA_RATES, num_sample_images=64)
+    return c
+
+
+def apply_small_adm_variant(c, variant, name):
+    """`cpu`: a tiny ADM trained for real on the local CIFAR-10 (32×32, its 10 labels standing
+    in for ImageNet's classes); `test`: the smallest run, for the test suite."""
+    if variant == "cpu":
+        apply_cpu_variant(c)
+        c.data.update(dataset="cifar10", image_size=32)
+    elif variant == "test":
+        apply_test_variant(c)
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r} of {name}: use cpu or test.")
+    if variant:
+        c.model = tiny_adm()
+    if variant == "cpu":
+        c.model.attn_resolutions = (16,)  # The 32×32 images' second level.
     return c

@@ -2,9 +2,9 @@
 
 Adding an architecture is adding a file and one entry here.
 """
-from cm_jax.models import ncsnpp
+from cm_jax.models import adm, ncsnpp
 
-MODELS = {"ncsnpp": ncsnpp.NCSNpp}
+MODELS = {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM}
 
 
 def create_model(model_config):
