@@ -11,11 +11,12 @@ TFLOP/s. One JSON line per measurement goes to --out. `--tiny` swaps in the CPU 
 check the script; `--count-only` only counts FLOPs (runs on a CPU).
 
 Recipes: ct (l2), ict, edm (the diffusion teacher), cd (configs/cifar10_cd_l2.py: a Heun step
-of a frozen EDM teacher per example) and pd (configs/cifar10_pd.py: two Euler half-steps of the
-teacher θ⁻ held in the state) and ect (configs/cifar10_ect.py, batch 128 in the paper: a
-student and a stop-gradient target pass, started from the teacher). The distillation teachers are randomly initialised networks of
-the student's architecture, passed to the step exactly as `trainer.train_and_evaluate` passes a
-trained one (`frozen={"teacher": params}` and `teacher_net` for cd; θ⁻ for pd), so the step's
+of a frozen EDM teacher per example), pd (configs/cifar10_pd.py: two Euler half-steps of the
+teacher θ⁻ held in the state), ect (configs/cifar10_ect.py: a student and a stop-gradient
+target pass), and the ImageNet-64 runs on ADM at 64×64: edm64, cd64 and ct64 (both with l2).
+The teachers are randomly initialised networks of the student's architecture, passed to the
+step exactly as `trainer.train_and_evaluate` passes a trained one (`frozen={"teacher": params}`
+and `teacher_net` for cd; θ⁻ for pd; the starting θ for ect), so the step's
 cost is that of a real run.
 
 `--set [recipe:]key=value` overrides a config field (value parsed as a Python literal, else a
@@ -38,10 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_jax import data, models, optim, train_state, trainer  # noqa: E402
 from configs import (cifar10_cd_l2, cifar10_ct, cifar10_ect, cifar10_edm, cifar10_ict,  # noqa: E402
-                     cifar10_pd, common)
+                     cifar10_pd, common, imagenet64_cd, imagenet64_ct, imagenet64_edm)
 
 RECIPES = {"ct": cifar10_ct, "ict": cifar10_ict, "edm": cifar10_edm, "cd": cifar10_cd_l2,
-           "pd": cifar10_pd, "ect": cifar10_ect}
+           "pd": cifar10_pd, "ect": cifar10_ect, "edm64": imagenet64_edm, "cd64": imagenet64_cd,
+           "ct64": imagenet64_ct}
+LPIPS_RECIPES = ("ct", "cd64", "ct64")  # timed with l2: LPIPS needs the VGG16 file
 TEACHER_SEED = 1  # the random teacher's initialiser key (the student's own init uses train.seed)
 
 
@@ -71,9 +74,12 @@ def apply_overrides(config, overrides, recipe):
 
 def recipe_config(recipe, dtype, batch, tiny, overrides=()):
     config = RECIPES[recipe].get_config()
-    if recipe == "ct":
-        config.loss.distance = "l2"  # CT's paper metric is LPIPS; l2 is the paper's CT-l2.
-    if tiny:
+    if recipe in LPIPS_RECIPES:
+        config.loss.distance = "l2"  # The paper's metric is LPIPS; l2 is the paper's *-l2.
+    if tiny and config.model.name == "adm":
+        config.model = common.tiny_adm()
+        config.model.attn_resolutions = (config.data.image_size // 2,)  # its second level
+    elif tiny:
         config.model = common.tiny_ncsnpp()
     config.model.dtype = dtype
     config.train.batch_size = batch

@@ -9,6 +9,8 @@ import pytest
 from cm_jax.models import adm
 from cm_jax.models.adm import ADM
 
+from test_ncsnpp import _inputs  # (x, the caller's c_noise) for a batch of random images
+
 # The consistency-model ImageNet-64 network (ADM's defaults), counted by _hand_count below.
 IN64_PARAMS = 295_899_267
 # Published: EDM (Karras et al. 2022, arXiv 2206.00364, appendix) quotes its ADM ImageNet-64
@@ -54,13 +56,6 @@ def _hand_count(mc=192, t=768, in_ch=3, classes=1000) -> int:
                + res(b + a, a) + 3 * res(a + a, a))
     out = gn(a) + conv(3, a, in_ch)
     return embed + inputs + middle + outputs + out
-
-
-def _inputs(res=16, channels=3, batch=2, seed=0):
-    kx, ks = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (batch, res, res, channels))
-    sigma = jnp.exp(jax.random.uniform(ks, (batch,), minval=-4.0, maxval=4.0))
-    return x, 0.25 * jnp.log(sigma)  # the caller's c_noise
 
 
 def _key(seed):

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cm_jax.models import layers
+from cm_jax.models import checks, layers
 
 Array = jax.Array
 DType = Any
@@ -251,27 +251,9 @@ class ADM(nn.Module):
             raise ValueError(f"ADM: dropout={self.dropout} is not in [0, 1)")
 
     def _check_inputs(self, x: Array, c_noise: Array, labels: Optional[Array]) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"ADM: x must be [B, H, W, C], got shape {x.shape}")
-        b, h, w, _ = x.shape
-        if h != w:
-            raise ValueError(f"ADM: input must be square, got {h}x{w}")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if h % factor:
-            raise ValueError(
-                f"ADM: input resolution {h} is not divisible by {factor}: ch_mult has "
-                f"{len(self.ch_mult)} levels and each but the last halves the resolution")
-        self._check_attention(h)
-        if c_noise.shape != (b,):
-            raise ValueError(f"ADM: c_noise must have shape ({b},), got {c_noise.shape}")
-        if self.num_classes > 0:
-            if labels is None:
-                raise ValueError(f"ADM: num_classes={self.num_classes} but labels is None")
-            if labels.shape != (b,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-                raise ValueError(f"ADM: labels must be integer with shape ({b},), got "
-                                 f"{labels.dtype}{labels.shape}")
-        elif labels is not None:
-            raise ValueError("ADM: labels given but num_classes=0 (unconditional model)")
+        checks.check_network_inputs("ADM", x, c_noise, labels, self.num_classes,
+                                    len(self.ch_mult))
+        self._check_attention(x.shape[1])
 
     def _check_attention(self, resolution: int) -> None:
         """Every attention resolution must occur, and every width that gets attention (those

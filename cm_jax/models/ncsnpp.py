@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cm_jax.models import layers
+from cm_jax.models import checks, layers
 
 Array = jax.Array
 
@@ -91,27 +91,8 @@ class NCSNpp(nn.Module):
             raise ValueError("NCSNpp: need nf >= 1, num_res_blocks >= 1 and a non-empty ch_mult")
 
     def _check_inputs(self, x: Array, c_noise: Array, labels: Optional[Array]) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"NCSNpp: x must be [B, H, W, C], got shape {x.shape}")
-        b, h, w, _ = x.shape
-        if h != w:
-            raise ValueError(f"NCSNpp: input must be square, got {h}x{w}")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if h % factor:
-            raise ValueError(
-                f"NCSNpp: input resolution {h} is not divisible by {factor} "
-                f"(ch_mult has {len(self.ch_mult)} levels)")
-        if c_noise.shape != (b,):
-            raise ValueError(f"NCSNpp: c_noise must have shape ({b},), got {c_noise.shape}")
-        if self.num_classes > 0:
-            if labels is None:
-                raise ValueError(f"NCSNpp: num_classes={self.num_classes} but labels is None")
-            if labels.shape != (b,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-                raise ValueError(
-                    f"NCSNpp: labels must be integer with shape ({b},), got "
-                    f"{labels.dtype}{labels.shape}")
-        elif labels is not None:
-            raise ValueError("NCSNpp: labels given but num_classes=0 (unconditional model)")
+        checks.check_network_inputs("NCSNpp", x, c_noise, labels, self.num_classes,
+                                    len(self.ch_mult))
 
     # -- block factories (partial modules, as in the reference) -----------------------------
 
