@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import karras, losses, precond, runs, schedules, trainer
+from cm_jax import karras, losses, models, precond, runs, schedules, train_state, trainer
 from cm_jax.generate import Generator
 from configs import cifar10_ect
 
@@ -177,8 +177,8 @@ def test_ect_from_a_trained_edm_model_and_its_two_step_samples(teacher_workdir, 
     config = cifar10_ect.get_config("test")
     config.data.dir = tiny_shards
     config.teacher.workdir = teacher_workdir
-    mesh = trainer.create_mesh()
-    net = trainer.models.create_model(config.model)
+    mesh = train_state.create_mesh()
+    net = models.create_model(config.model)
     _, frozen = trainer.load_frozen_networks(config, mesh)
     teacher_params = frozen["teacher"]
     start = trainer.initial_student(config, net, frozen)
