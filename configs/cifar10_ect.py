@@ -10,8 +10,8 @@ Made Easy"), as the official `run_ecm.sh` runs it (locuslab/ect):
   (`ECMPrecond`);
 - batch 128, RAdam 1e-4 (β 0.9, 0.999), no warm-up or clipping, dropout 0.2, no flips,
   200k steps (25.6M images), eval EMA 0.9999. Two-step sampling uses t = (80, 0.821).
-The official run transfers EDM's DDPM++ (VP) network; this config distils whatever
-`configs/cifar10_edm.py` trained (NCSN++), since the student must match its teacher's network.
+The official run transfers EDM's DDPM++ (VP) network; this config starts from whatever
+`configs/cifar10_edm.py` trained (NCSN++), since θ must have its starting point's network.
 
     python launch.py --config=configs/cifar10_ect.py --workdir=workdirs/ect \
         --config.teacher.workdir=workdirs/edm

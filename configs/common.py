@@ -46,8 +46,8 @@ def tiny_adm():
 def base_config():
     c = ml_collections.ConfigDict()
     # "ct" (CT and iCT; the schedule/loss fields pick the recipe), "cd" (distillation from an
-    # EDM teacher), "edm" (the diffusion teacher itself) or "pd" (progressive distillation of
-    # an EDM teacher, the CM paper's baseline) or "ect" (easy consistency training).
+    # EDM teacher), "edm" (the diffusion teacher itself), "pd" (progressive distillation of an
+    # EDM teacher, the CM paper's baseline) or "ect" (easy consistency training).
     c.method = "ct"
 
     c.data = dict(
@@ -237,17 +237,16 @@ def imagenet64_config(method):
 def apply_small_adm_variant(c, variant, name):
     """`cpu`: a tiny ADM trained for real on the local CIFAR-10 (32×32, its 10 labels standing
     in for ImageNet's classes), 300 steps (ADM's full-resolution first level makes a step about
-    1.3 s there, three times the tiny NCSN++'s); `test`: the smallest run, for the test suite."""
+    1.2 s there, three times the tiny NCSN++'s); `test`: the smallest run, for the test suite."""
     if variant == "cpu":
         apply_cpu_variant(c, num_steps=300)
         c.train.update(save_every=100, sample_every=100)
         c.data.update(dataset="cifar10", image_size=32)
+        c.model = tiny_adm()
+        c.model.attn_resolutions = (16,)  # The 32×32 images' second level.
     elif variant == "test":
         apply_test_variant(c)
+        c.model = tiny_adm()
     elif variant:
         raise ValueError(f"Unknown variant {variant!r} of {name}: use cpu or test.")
-    if variant:
-        c.model = tiny_adm()
-    if variant == "cpu":
-        c.model.attn_resolutions = (16,)  # The 32×32 images' second level.
     return c
