@@ -13,10 +13,12 @@ check the script; `--count-only` only counts FLOPs (runs on a CPU).
 Recipes: ct (l2), ict, edm (the diffusion teacher), cd (configs/cifar10_cd_l2.py: a Heun step
 of a frozen EDM teacher per example), pd (configs/cifar10_pd.py: two Euler half-steps of the
 teacher θ⁻ held in the state), ect (configs/cifar10_ect.py: a student and a stop-gradient
-target pass), and the ImageNet-64 runs on ADM at 64×64: edm64, cd64 and ct64 (both with l2).
+target pass), sct and scd (configs/cifar10_{sct,scd}.py: sCM's online pass and a JVP of the
+stop-gradient network, plus the teacher's velocity for scd), and the ImageNet-64 runs on ADM
+at 64×64: edm64, cd64 and ct64 (both with l2).
 The teachers are randomly initialised networks of the student's architecture, passed to the
 step exactly as `trainer.train_and_evaluate` passes a trained one (`frozen={"teacher": params}`
-and `teacher_net` for cd; θ⁻ for pd; the starting θ for ect), so the step's
+and `teacher_net` for cd and scd; θ⁻ for pd; the starting θ for ect), so the step's
 cost is that of a real run.
 
 `--set [recipe:]key=value` overrides a config field (value parsed as a Python literal, else a
@@ -38,12 +40,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_jax import data, models, optim, train_state, trainer  # noqa: E402
+from cm_jax.models import uncertainty  # noqa: E402
 from configs import (cifar10_cd_l2, cifar10_ct, cifar10_ect, cifar10_edm, cifar10_ict,  # noqa: E402
-                     cifar10_pd, common, imagenet64_cd, imagenet64_ct, imagenet64_edm)
+                     cifar10_pd, cifar10_scd, cifar10_sct, common, imagenet64_cd, imagenet64_ct,
+                     imagenet64_edm)
 
 RECIPES = {"ct": cifar10_ct, "ict": cifar10_ict, "edm": cifar10_edm, "cd": cifar10_cd_l2,
-           "pd": cifar10_pd, "ect": cifar10_ect, "edm64": imagenet64_edm, "cd64": imagenet64_cd,
-           "ct64": imagenet64_ct}
+           "pd": cifar10_pd, "ect": cifar10_ect, "sct": cifar10_sct, "scd": cifar10_scd,
+           "edm64": imagenet64_edm, "cd64": imagenet64_cd, "ct64": imagenet64_ct}
 LPIPS_RECIPES = ("ct", "cd64", "ct64")  # timed with l2: LPIPS needs the VGG16 file
 TEACHER_SEED = 1  # the random teacher's initialiser key (the student's own init uses train.seed)
 
@@ -90,13 +94,14 @@ def recipe_config(recipe, dtype, batch, tiny, overrides=()):
 def random_teacher(config, net, mesh):
     """(teacher_net, frozen, the student's initial params) as `trainer.train_and_evaluate`
     builds them from `load_frozen_networks` and `initial_student`, with a randomly initialised
-    network of the student's architecture as the teacher of cd, pd and ect. PD moves it out
-    of `frozen` into the state's θ⁻, ECT only starts from it; CD keeps it frozen and starts
-    the student from it (teacher.init_student)."""
-    if config.method not in ("cd", "pd", "ect"):  # no teacher; LPIPS weights where configured
+    network of the student's architecture as the teacher of cd, pd, ect and scd. PD moves it
+    out of `frozen` into the state's θ⁻, ECT only starts from it; CD and sCD keep it frozen and
+    start the student from it (teacher.init_student)."""
+    if config.method not in ("cd", "pd", "ect", "scd"):  # no teacher; LPIPS where configured
         teacher_net, frozen = trainer.load_frozen_networks(config, mesh)
         return teacher_net, frozen, None
-    init = jax.jit(lambda rng: train_state.init_params(config, net, rng),
+    # An EDM run's parameters: the network's alone (sCM's uncertainty head is the student's).
+    init = jax.jit(lambda rng: uncertainty.split(train_state.init_params(config, net, rng))[0],
                    out_shardings=train_state.replicated(mesh))
     frozen = {"teacher": init(jax.random.PRNGKey(TEACHER_SEED))}
     return net, frozen, trainer.initial_student(config, net, frozen)

@@ -16,13 +16,16 @@ Methods:
          denoiser learns in one Euler step what its teacher θ⁻ does in two.
 - "ect": easy consistency training (Geng et al. 2025): CT in continuous time with a gap
          t − r that shrinks by stages, started from a pretrained EDM model.
+- "sct", "scd": sCM (Lu & Song 2025), consistency training and distillation in continuous
+         time: the gap is zero and the target's change is a JVP in TrigFlow coordinates.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from cm_jax import distances, karras, lpips, ode, precond, schedules
+from cm_jax import distances, karras, lpips, ode, precond, schedules, trigflow
+from cm_jax.models import uncertainty
 
 
 def _labels(batch, model_config):
@@ -165,6 +168,66 @@ def easy_consistency_training_loss(net, config, teacher_net=None):
     return loss_fn
 
 
+def continuous_consistency_loss(net, config, teacher_net=None):
+    """L_sCM (Lu & Song 2025, Algorithm 1) of sCT (method "sct") and sCD ("scd"), θ⁻ = sg(θ).
+
+    One example, in TrigFlow coordinates (trigflow.py): ln σ ~ N(P_mean, P_std²),
+    t = arctan(σ/σ_d), z ~ N(0, σ_d²I), x_t = cos(t)·x_0 + sin(t)·z, and
+      dx_t/dt = cos(t)·z − sin(t)·x_0 (sCT) or σ_d·F_teacher(x_t/σ_d, t) (sCD),
+      (F⁻, cos·sin·dF⁻/dt) = JVP of F_θ⁻ at (x_t, t) along (cos·sin·dx_t/dt, cos·sin),
+      g = the tangent (trigflow.tangent), normalised, held constant,
+      loss = w(t)·e^{−u_φ(t)}·‖F_θ − F⁻ − g‖²/D + u_φ(t),  w = 1/σ (prior weighting),
+    with u_φ the learned log-variance (models/uncertainty.py). F_θ − F⁻ is zero in value, so the
+    gradient in θ is −2·w·e^{−u}/D·gᵀ∇F_θ: the continuous-time consistency gradient, made
+    stable by the normalisation and the warm-up of g. Both passes (F_θ and the JVP of F_θ⁻) use
+    the same dropout key, so F⁻ equals F_θ; the sCD teacher runs deterministic.
+    """
+    distill = config.method == "scd"
+    if distill and teacher_net is None:
+        raise ValueError("method 'scd' needs a teacher: set config.teacher.workdir.")
+    kc, lc, sc = config.karras, config.loss, config.scm
+    sigma_data = kc.sigma_data
+    velocity = functools.partial(precond.trigflow_velocity, net, sigma_data=sigma_data, train=True)
+
+    def loss_fn(params, target_params, batch, rng, step, frozen=None):
+        del target_params  # θ⁻ = stop_gradient(θ).
+        x0, labels = batch["image"], _labels(batch, config.model)
+        sigma_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+        sigma = schedules.edm_sample_sigma(sigma_rng, x0.shape[0], lc.p_mean, lc.p_std)
+        t = trigflow.time_from_sigma(sigma, sigma_data)
+        z = sigma_data * jax.random.normal(noise_rng, x0.shape, x0.dtype)
+        x_t = trigflow.noisy(x0, z, t)
+        if distill:
+            dx_dt = sigma_data * precond.trigflow_velocity(teacher_net, frozen["teacher"], x_t, t,
+                                                           labels, sigma_data=sigma_data)
+        else:
+            dx_dt = trigflow.training_velocity(x0, z, t)
+        dx_dt = jax.lax.stop_gradient(dx_dt)
+
+        F = velocity(params, x_t, t, labels, dropout_rng=dropout_rng)
+        frozen_velocity = lambda x, s: velocity(jax.lax.stop_gradient(params), x, s, labels,
+                                                dropout_rng=dropout_rng)
+        cos_sin = jnp.cos(t) * jnp.sin(t)
+        F_minus, dF_minus = jax.jvp(frozen_velocity, (x_t, t),
+                                    (karras.per_example(cos_sin, x_t) * dx_dt, cos_sin))
+        warmup = trigflow.tangent_warmup(step, sc.tangent_warmup_steps)
+        g = trigflow.tangent(F_minus, dF_minus, x_t, dx_dt, t, warmup, sigma_data)
+        g_normalized = trigflow.normalize_tangent(g, sc.tangent_norm_c, sc.tangent_norm)
+        residual = F - jax.lax.stop_gradient(F) - jax.lax.stop_gradient(g_normalized)
+        mean_square = jnp.mean(residual.reshape(x0.shape[0], -1) ** 2, axis=1)
+
+        u = uncertainty.log_variance(params, karras.noise_conditioning(sigma),
+                                     sc.uncertainty_channels)
+        weight = 1.0 / sigma if sc.prior_weighting else 1.0
+        loss = jnp.mean(weight * jnp.exp(-u) * mean_square + u)
+        tangent_rms = jnp.sqrt(jnp.mean(g.reshape(x0.shape[0], -1) ** 2, axis=1))
+        return loss, {"loss": loss, "unweighted_distance": jnp.mean(mean_square),
+                      "log_variance": jnp.mean(u), "tangent_warmup": warmup,
+                      "tangent_rms": jnp.mean(tangent_rms)}
+
+    return loss_fn
+
+
 def edm_loss(net, config, teacher_net=None):
     """EDM denoising score matching (Karras et al. 2022, Eq. 8 with Table 1's choices):
 
@@ -240,7 +303,8 @@ def progressive_distillation_loss(net, config, teacher_net=None):
 
 
 LOSSES = {"ct": consistency_training_loss, "cd": consistency_distillation_loss, "edm": edm_loss,
-          "pd": progressive_distillation_loss, "ect": easy_consistency_training_loss}
+          "pd": progressive_distillation_loss, "ect": easy_consistency_training_loss,
+          "sct": continuous_consistency_loss, "scd": continuous_consistency_loss}
 
 
 def get_loss_fn(net, config, teacher_net=None):

@@ -2,19 +2,27 @@
 
 The network never sees σ directly: it gets c_in·x and c_noise (karras.py), and its output is
 mixed with the input by c_skip and c_out. The EDM denoiser D_θ and the consistency function f_θ
-differ only in their scalings, so both go through `_precondition`.
+differ only in their scalings, so both go through `_precondition`; sCM's TrigFlow velocity is
+the same network read in other coordinates (`trigflow_velocity`).
 """
 import jax.numpy as jnp
 
 from cm_jax import karras
+from cm_jax.models import uncertainty
+
+
+def _apply(net, params, x_in, c_noise, labels, train, dropout_rng):
+    """The raw network F_θ(c_in·x, c_noise); an uncertainty head beside θ (sCM) is not its."""
+    network_params, _ = uncertainty.split(params)
+    rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
+    return net.apply({"params": network_params}, x_in, c_noise, labels, train=train, rngs=rngs)
 
 
 def _precondition(net, params, x, sigma, scalings, labels, train, dropout_rng):
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
     s = scalings(sigma)
-    rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
     x_in = karras.per_example(s.c_in, x) * x
-    out = net.apply({"params": params}, x_in, s.c_noise, labels, train=train, rngs=rngs)
+    out = _apply(net, params, x_in, s.c_noise, labels, train, dropout_rng)
     return karras.per_example(s.c_skip, x) * x + karras.per_example(s.c_out, x) * out
 
 
@@ -30,3 +38,19 @@ def consistency_fn(net, params, x, sigma, labels=None, *, sigma_data=0.5, sigma_
     """f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in·x, c_noise), with f_θ(x, σ_min) = x (CM §3)."""
     scalings = lambda s: karras.consistency_scalings(s, sigma_data, sigma_min)
     return _precondition(net, params, x, sigma, scalings, labels, train, dropout_rng)
+
+
+def trigflow_velocity(net, params, x_t, t, labels=None, *, sigma_data=0.5, train=False,
+                      dropout_rng=None):
+    """sCM's F_θ(x_t/σ_d, t) (Lu & Song 2025, TrigFlow) of an EDM-preconditioned network.
+
+    TrigFlow's x_t = cos(t)·x_0 + sin(t)·z, z ~ N(0, σ_d²I), is EDM's x_σ = x_0 + σ·n scaled by
+    cos(t), with σ = σ_d·tan(t) (trigflow.py). EDM's c_skip = cos²(t), c_out = σ_d·sin(t) and
+    c_in·x_σ = x_t/σ_d turn D_θ(x_σ; σ) = cos(t)·x_t − σ_d·sin(t)·F_θ into the identity
+    F_θ = −F_net(x_t/σ_d, c_noise(σ)): the velocity is the raw output, negated, with no
+    cancellation at small t. t is [B] and differentiable (sCM's tangent takes a JVP in t).
+    """
+    sigma = sigma_data * jnp.tan(t)
+    out = _apply(net, params, x_t / sigma_data, karras.noise_conditioning(sigma), labels, train,
+                 dropout_rng)
+    return -out

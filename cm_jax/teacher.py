@@ -23,7 +23,7 @@ def load_teacher(teacher_config, mesh):
         raise TeacherError(f"teacher.workdir: {e}") from e
     if run_config.method != "edm":
         raise TeacherError(f"teacher.workdir={workdir!r} trained method {run_config.method!r}; "
-                           "the teacher of CD, PD or ECT must be an EDM diffusion model "
+                           "the teacher of CD, PD, ECT or sCM must be an EDM diffusion model "
                            "(method 'edm').")
     del state
     return net, run_config, jax.block_until_ready(params)

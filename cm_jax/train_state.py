@@ -9,9 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cm_jax.models import uncertainty
+
 # Methods whose loss reads a target network θ⁻ (the state keeps one only for these); PD's
 # θ⁻ is its teacher, replaced by θ at every stage.
 METHODS_WITH_TARGET = ("ct", "cd", "pd")
+# Methods whose loss learns a log-variance per noise level beside θ (models/uncertainty.py).
+METHODS_WITH_UNCERTAINTY = ("sct", "scd")
 
 
 @flax.struct.dataclass
@@ -51,11 +55,21 @@ def batch_sharding(mesh, steps_per_call=1):
 
 
 def init_params(config, net, rng):
-    """The network's parameters from its initialiser (traceable)."""
+    """The network's parameters from its initialiser (traceable), and for sCM the
+    uncertainty head's beside them."""
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
-    return net.init({"params": rng}, x, jnp.zeros((1,)), labels, train=False)["params"]
+    params = net.init({"params": rng}, x, jnp.zeros((1,)), labels, train=False)["params"]
+    return with_uncertainty_head(config, params, jax.random.fold_in(rng, 1))
+
+
+def with_uncertainty_head(config, network_params, rng):
+    """network_params, with a fresh uncertainty head beside them where the method learns one."""
+    if config.method not in METHODS_WITH_UNCERTAINTY:
+        return network_params
+    head = uncertainty.init_params(config.scm.uncertainty_channels, rng)
+    return uncertainty.attach(network_params, head)
 
 
 def _state_initialiser(config, net, tx):

@@ -24,8 +24,9 @@ from absl import logging
 
 from cm_jax import (checkpoint, data, losses, lpips, metric_logging, models, optim, sampling,
                     schedules, teacher)
+from cm_jax.models import uncertainty
 from cm_jax.train_state import (batch_sharding, count_params, create_mesh, ema_key, ema_update,
-                                init_params, init_train_state, replicated)
+                                init_params, init_train_state, replicated, with_uncertainty_head)
 
 
 # --------------------------------------------------------------------------- one step
@@ -156,14 +157,36 @@ def validate_config(config):
             raise ValueError("ECT starts from a pretrained diffusion model: set "
                              "config.teacher.workdir to a method='edm' run, or "
                              "config.teacher.init_student=False to train from scratch.")
+    if config.method in ("sct", "scd"):
+        _check_scm_config(config)
+
+
+def _check_scm_config(config):
+    c = config.scm
+    if config.method == "scd" and not config.teacher.workdir:
+        raise ValueError("sCD distils an EDM teacher: set config.teacher.workdir to a "
+                         "method='edm' run.")
+    if c.tangent_norm not in ("rms", "l2"):
+        raise ValueError(f"scm.tangent_norm={c.tangent_norm!r}: use rms or l2.")
+    if c.tangent_norm_c <= 0 or c.tangent_warmup_steps < 0 or c.uncertainty_channels < 1:
+        raise ValueError(f"scm.tangent_norm_c={c.tangent_norm_c} must be > 0, "
+                         f"scm.tangent_warmup_steps={c.tangent_warmup_steps} ≥ 0 and "
+                         f"scm.uncertainty_channels={c.uncertainty_channels} ≥ 1.")
+
+
+def _uses_teacher(config):
+    """CD, PD and sCD distil a teacher; ECT starts from one; sCT may (teacher.workdir set)."""
+    init = config.teacher.init_student
+    return (config.method in ("cd", "pd", "scd") or (config.method == "ect" and init)
+            or (config.method == "sct" and init and bool(config.teacher.workdir)))
 
 
 def load_frozen_networks(config, mesh):
     """(teacher network or None, frozen) where frozen holds the parameters the loss reads but
-    never trains: "teacher" (the EDM teacher of CD and PD, ECT's starting point) and "lpips"
-    (the LPIPS VGG16), replicated."""
+    never trains: "teacher" (the EDM teacher of CD, PD and sCD, the starting point of ECT and
+    of sCT when it has one) and "lpips" (the LPIPS VGG16), replicated."""
     teacher_net, frozen = None, {}
-    if config.method in ("cd", "pd") or (config.method == "ect" and config.teacher.init_student):
+    if _uses_teacher(config):
         teacher_net, _, frozen["teacher"] = teacher.load_teacher(config.teacher, mesh)
         logging.info("Teacher: %s", config.teacher.workdir)
     if config.method != "edm" and config.loss.distance == "lpips":
@@ -173,22 +196,24 @@ def load_frozen_networks(config, mesh):
 
 
 def initial_student(config, net, frozen):
-    """θ to start from instead of the initialiser, or None. CD starts from its teacher when
-    teacher.init_student (the official runs); PD always does, and then keeps its teacher in
-    the state as θ⁻ only, and ECT's loss never reads it, so both take it out of `frozen`."""
-    if config.method == "pd" or (config.method == "ect" and "teacher" in frozen):
+    """θ to start from instead of the initialiser, or None. CD and sCD start from their teacher
+    when teacher.init_student (the official CD runs); PD always does, and then keeps its
+    teacher in the state as θ⁻ only, and the losses of ECT and sCT never read it, so these take
+    it out of `frozen`. sCM's uncertainty head starts fresh beside the teacher's weights."""
+    if config.method in ("pd", "ect", "sct") and "teacher" in frozen:
         params = frozen.pop("teacher")
-    elif config.method == "cd" and config.teacher.init_student:
+    elif config.method in ("cd", "scd") and config.teacher.init_student:
         params = frozen["teacher"]
     else:
         return None
     _check_same_architecture(config, net, params)
-    return params
+    return with_uncertainty_head(config, params, jax.random.PRNGKey(config.train.seed))
 
 
 def _check_same_architecture(config, net, params):
     """Starting the student from the teacher's weights needs the same parameter shapes."""
     expected = jax.eval_shape(lambda: init_params(config, net, jax.random.PRNGKey(0)))
+    expected, _ = uncertainty.split(expected)
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
     if shapes(expected) != shapes(params):
         remedy = ("" if config.method == "pd" else

@@ -47,7 +47,8 @@ def base_config():
     c = ml_collections.ConfigDict()
     # "ct" (CT and iCT; the schedule/loss fields pick the recipe), "cd" (distillation from an
     # EDM teacher), "edm" (the diffusion teacher itself), "pd" (progressive distillation of an
-    # EDM teacher, the CM paper's baseline) or "ect" (easy consistency training).
+    # EDM teacher, the CM paper's baseline), "ect" (easy consistency training) or "sct" and
+    # "scd" (sCM's continuous-time consistency training and distillation).
     c.method = "ct"
 
     c.data = dict(
@@ -70,7 +71,7 @@ def base_config():
         lpips_resize=224,         # LPIPS: images smaller than this are resized up to it
         weighting="uniform",      # uniform | ict (1/Δσ) | snr | snrp1 | truncated_snr
         index_sampling="uniform", # uniform | lognormal (iCT)
-        p_mean=-1.1,              # lognormal pair sampling (iCT), ECT's lognormal t
+        p_mean=-1.1,              # lognormal pair sampling (iCT), ECT's t and sCM's σ
         p_std=2.0,
     )
     c.schedule = dict(
@@ -96,12 +97,22 @@ def base_config():
         stage_steps=25_000,       # optimizer steps per stage
         boundary_in_training=False,  # True: train with the σ_min-offset scalings too
     )
+    # method="sct"/"scd" (losses.continuous_consistency_loss, trigflow.py).
+    c.scm = dict(
+        tangent_warmup_steps=10_000,  # r = min(1, k/this) on the tangent's second term
+        tangent_norm_c=0.1,       # g ← g/(‖g‖ + c)
+        tangent_norm="rms",       # rms (‖g‖/√dim, NVlabs/FastGen) | l2 (the paper's ‖g‖)
+        prior_weighting=True,     # w(t) = 1/σ; False: 1
+        uncertainty_channels=128, # Fourier features of the adaptive weight u_φ(σ)
+    )
     c.teacher = dict(
-        workdir="",               # cd, pd, ect: a method="edm" run's --workdir (or checkpoints/<step>)
+        workdir="",               # cd, pd, ect, scd (sct: optional start): a method="edm" run's
+                                  # --workdir (or checkpoints/<step>)
         ema_rate=0.0,             # which of its EMAs; 0 = its first
         step=0,                   # which checkpoint; 0 = the newest
         solver="heun",            # CD: the teacher's ODE step, heun (CM) | euler
-        init_student=True,        # CD, ECT: start θ from the teacher's weights (official runs); PD always does
+        init_student=True,        # CD, ECT, sCM: start θ from the teacher's weights (official
+                                  # runs); PD always does
     )
     # --mode=sample (launch.py): which checkpoint and EMA, and the time points.
     c.sample = dict(
@@ -214,6 +225,50 @@ def cd_config(distance, lr, variant):
         raise ValueError(f"Unknown variant {variant!r}: use cpu or test.")
     if variant and distance == "lpips":
         c.loss.distance = "l2"  # LPIPS needs the VGG16 backbone file; small variants use l2.
+    return c
+
+
+def ema_rate_for_half_life(half_life_images, batch_size):
+    """The per-step EMA rate r whose weights halve every half_life_images: r^(h/B) = ½."""
+    return 0.5 ** (batch_size / half_life_images)
+
+
+# sCM's two-step sampling point t = 1.1 (Lu & Song 2025), as EDM's σ = σ_d·tan(1.1).
+SCM_TWO_STEP_SIGMAS = (80.0, 0.5 * 1.9647596572486523)
+
+
+def scm_config(method, variant):
+    """sCM on CIFAR-10 (Lu & Song 2025): sCT (method "sct") from scratch, or sCD ("scd") from a
+    `cifar10_edm.py` teacher, in TrigFlow coordinates on the EDM-preconditioned NCSN++.
+
+    From NVlabs/FastGen's `config_scm.py`: ln σ ~ N(−1.0, 1.4²), σ_d = 0.5, tangent warm-up over
+    10k steps, normalisation constant 0.1 (rms norm), prior weight 1/σ, adaptive weighting,
+    RAdam with β = (0.9, 0.99), no weight decay, warm-up or clipping, dropout 0.2, EMA by
+    half-life. Recalled from the paper and unchecked: batch 512, lr 1e-4, 400k steps, a
+    0.5M-image EMA half-life, two-step t = (π/2, 1.1), and positional time embeddings (the
+    paper's stability advice for sCT; sCD keeps its teacher's network).
+    """
+    c = base_config()
+    c.method = method
+    if method == "sct":
+        c.teacher.init_student = False  # From scratch; teacher.workdir + True starts from EDM.
+    c.loss.update(p_mean=-1.0, p_std=1.4)
+    c.optim.update(name="radam", lr=1e-4, beta1=0.9, beta2=0.99, warmup_steps=0, grad_clip=0.0)
+    c.train.update(batch_size=512, num_steps=400_000,
+                   ema_rates=(ema_rate_for_half_life(500_000, 512),))
+    c.sample.sigmas = SCM_TWO_STEP_SIGMAS
+    if variant == "cpu":
+        apply_cpu_variant(c)  # sCD: the network of a cifar10_edm.py:cpu teacher.
+        c.scm.tangent_warmup_steps = 100
+        c.optim.lr = 2e-4
+    elif variant == "test":
+        apply_test_variant(c)
+        c.scm.tangent_warmup_steps = 2
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r}: use cpu or test.")
+    c.model.dropout = 0.2
+    if method == "sct":
+        c.model.embedding_type = "positional"
     return c
 
 

@@ -172,16 +172,21 @@ def test_ect_needs_its_pretrained_start_or_says_so():
         trainer.validate_config(config)
 
 
+def start_from_teacher(config, teacher_workdir, tiny_shards):
+    """(frozen, the teacher's params, θ at the start) of a run of `config` on tiny_shards that
+    starts from teacher_workdir, built as the trainer builds them."""
+    config.data.dir = tiny_shards
+    config.teacher.workdir = teacher_workdir
+    net = models.create_model(config.model)
+    _, frozen = trainer.load_frozen_networks(config, train_state.create_mesh())
+    teacher_params = frozen["teacher"]
+    return frozen, teacher_params, trainer.initial_student(config, net, frozen)
+
+
 def test_ect_from_a_trained_edm_model_and_its_two_step_samples(teacher_workdir, tiny_shards,
                                                               tmp_path):
     config = cifar10_ect.get_config("test")
-    config.data.dir = tiny_shards
-    config.teacher.workdir = teacher_workdir
-    mesh = train_state.create_mesh()
-    net = models.create_model(config.model)
-    _, frozen = trainer.load_frozen_networks(config, mesh)
-    teacher_params = frozen["teacher"]
-    start = trainer.initial_student(config, net, frozen)
+    frozen, teacher_params, start = start_from_teacher(config, teacher_workdir, tiny_shards)
     assert "teacher" not in frozen  # The loss never reads it: not passed to every step.
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(teacher_params)):
         np.testing.assert_array_equal(a, b)
@@ -191,7 +196,7 @@ def test_ect_from_a_trained_edm_model_and_its_two_step_samples(teacher_workdir, 
     rows = [row for row in rows if "loss" in row]
     assert [row["ect_stage"] for row in rows] == [0, 1]  # Logged after steps k = 1 and 3.
     assert all(np.isfinite(row["loss"]) for row in rows)
-    _, _, state = runs.restore_run(str(tmp_path), mesh)
+    _, _, state = runs.restore_run(str(tmp_path), train_state.create_mesh())
     assert state.target_params is None  # θ⁻ = sg(θ): the state keeps no copy.
     gen = Generator(str(tmp_path))
     two_step, _ = gen.sample(3, sigmas=cifar10_ect.get_config().sample.sigmas, batch_size=8)
