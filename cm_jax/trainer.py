@@ -166,6 +166,15 @@ def _check_scm_config(config):
     if config.method == "scd" and not config.teacher.workdir:
         raise ValueError("sCD distils an EDM teacher: set config.teacher.workdir to a "
                          "method='edm' run.")
+    if c.jvp not in ("autodiff", "finite_difference"):
+        raise ValueError(f"scm.jvp={c.jvp!r}: use autodiff or finite_difference.")
+    if c.jvp == "autodiff" and config.model.get("attention_impl") == "cudnn":
+        raise ValueError("scm.jvp='autodiff' needs forward-mode differentiation through the "
+                         "network, which cuDNN's fused attention (model.attention_impl='cudnn', "
+                         "a custom VJP) does not have: use the default attention or "
+                         "scm.jvp='finite_difference'.")
+    if not 0 <= c.jvp_eps < 0.1:
+        raise ValueError(f"scm.jvp_eps={c.jvp_eps} must lie in [0, 0.1) (0: by the dtype).")
     if c.tangent_norm not in ("rms", "l2"):
         raise ValueError(f"scm.tangent_norm={c.tangent_norm!r}: use rms or l2.")
     if c.tangent_norm_c <= 0 or c.tangent_warmup_steps < 0 or c.uncertainty_channels < 1:
