@@ -25,8 +25,9 @@ from absl import logging
 from cm_jax import (checkpoint, data, losses, lpips, metric_logging, models, optim, sampling,
                     schedules, teacher)
 from cm_jax.models import uncertainty
-from cm_jax.train_state import (batch_sharding, count_params, create_mesh, ema_key, ema_update,
-                                init_params, init_train_state, replicated, with_uncertainty_head)
+from cm_jax.train_state import (METHODS_WITH_UNCERTAINTY, batch_sharding, count_params,
+                                create_mesh, ema_key, ema_update, init_params, init_train_state,
+                                replicated, with_uncertainty_head)
 
 
 # --------------------------------------------------------------------------- one step
@@ -157,7 +158,7 @@ def validate_config(config):
             raise ValueError("ECT starts from a pretrained diffusion model: set "
                              "config.teacher.workdir to a method='edm' run, or "
                              "config.teacher.init_student=False to train from scratch.")
-    if config.method in ("sct", "scd"):
+    if config.method in METHODS_WITH_UNCERTAINTY:  # sCT and sCD
         _check_scm_config(config)
 
 
