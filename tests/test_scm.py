@@ -17,7 +17,8 @@ from configs import cifar10_scd, cifar10_sct
 
 from test_ect import start_from_teacher
 from test_losses import OracleNet, _batch, _x0
-from toy_networks import tiny_model
+from test_trainer import _assert_trees_close, _run
+from toy_networks import TinyNet, tiny_model
 
 SIZE = 8
 SIGMA_DATA = 0.5
@@ -267,6 +268,22 @@ def test_paper_recipe():
     assert c.sample.sigmas[1] == pytest.approx(0.9823798)            # t = 1.1
     d = cifar10_scd.get_config()
     assert (d.method, d.model.embedding_type, d.teacher.init_student) == ("scd", "fourier", True)
+
+
+def test_the_sct_step_is_the_same_on_eight_devices_one_device_and_scanned():
+    """The JVP and the per-example tangent norm under a sharded batch, and the traced step of
+    the warm-up under lax.scan."""
+    config = _config()
+    net = TinyNet()
+    state8, metrics8 = _run(config, jax.devices(), steps=2, net=net)
+    state1, metrics1 = _run(config, jax.devices()[:1], steps=2, net=net)
+    for m8, m1 in zip(metrics8, metrics1):
+        assert m8["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    _assert_trees_close(state8.params, state1.params, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(state8.params[uncertainty.KEY]["Dense_0"]["kernel"]).sum()) > 0
+    config.train.steps_per_call = 2
+    scanned, _ = _run(config, jax.devices(), steps=1, net=net)
+    _assert_trees_close(state8.params, scanned.params, rtol=1e-5, atol=1e-6)
 
 
 def test_sct_from_scratch_trains_and_samples(tiny_shards, tmp_path):
