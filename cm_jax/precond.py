@@ -7,7 +7,7 @@ the same network read in other coordinates (`trigflow_velocity`).
 """
 import jax.numpy as jnp
 
-from cm_jax import karras
+from cm_jax import karras, trigflow
 from cm_jax.models import uncertainty
 
 
@@ -50,7 +50,7 @@ def trigflow_velocity(net, params, x_t, t, labels=None, *, sigma_data=0.5, train
     F_θ = −F_net(x_t/σ_d, c_noise(σ)): the velocity is the raw output, negated, with no
     cancellation at small t. t is [B] and differentiable (sCM's tangent takes a JVP in t).
     """
-    sigma = sigma_data * jnp.tan(t)
+    sigma = trigflow.sigma_from_time(t, sigma_data)
     out = _apply(net, params, x_t / sigma_data, karras.noise_conditioning(sigma), labels, train,
                  dropout_rng)
     return -out
