@@ -76,11 +76,13 @@ def load_weights(workdir, mesh, config):
 
 def forward_flops(net, params, batch, image_size):
     """XLA's FLOP count of one network forward (EDM preconditioning) per image, from the
-    lowered program (no compilation)."""
+    lowered program (no compilation); None where the backend gives no count (the GPU backend of
+    jax 0.11), and the rows then leave their FLOP fields empty."""
     x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     sigma = jax.ShapeDtypeStruct((batch,), jnp.float32)
     lowered = jax.jit(lambda p, x, s: precond.edm_denoiser(net, p, x, s)).lower(params, x, sigma)
-    return float(lowered.cost_analysis()["flops"]) / batch
+    cost = lowered.cost_analysis()
+    return float(cost["flops"]) / batch if cost else None
 
 
 def timed(fn):
@@ -102,9 +104,16 @@ def measure(gen, sampler, dtype, count, batch, flops_per_forward):
         "compile_s": round(first - steady, 1), "seconds": round(seconds, 2),
         "images_per_s": round(rate, 1), "seconds_per_50k": round(50_000 / rate, 1),
         "measured_50k": count == 50_000, "forwards_per_s": round(rate * nfe, 1),
-        "tflop_per_s": round(rate * nfe * flops_per_forward / 1e12, 1),
-        "gflop_per_forward": round(flops_per_forward / 1e9, 2),
+        **flop_fields(rate * nfe, flops_per_forward),
     }
+
+
+def flop_fields(forwards_per_s, flops_per_forward):
+    """TFLOP/s and GFLOP per forward, empty (None) where XLA gave no count."""
+    if flops_per_forward is None:
+        return {"tflop_per_s": None, "gflop_per_forward": None}
+    return {"tflop_per_s": round(forwards_per_s * flops_per_forward / 1e12, 1),
+            "gflop_per_forward": round(flops_per_forward / 1e9, 2)}
 
 
 def parse_samples(text, tiny):

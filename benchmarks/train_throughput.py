@@ -123,9 +123,15 @@ def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False, overrid
         _, batch0 = next(batches)
         lowered = step_fn.lower(state, batch0, frozen)
         # Count FLOPs on the HLO before device compilation: once convolutions become library
-        # calls (cuDNN), the compiled module's cost analysis no longer counts them.
-        flops = float(lowered.cost_analysis()["flops"])
+        # calls (cuDNN), the compiled module's cost analysis no longer counts them. The GPU
+        # backend of jax 0.11 gives no count for a lowered program (None): there the rows leave
+        # the FLOP fields empty, and `--count-only` on a CPU supplies them.
+        cost = lowered.cost_analysis()
+        flops = float(cost["flops"]) if cost else None
         if count_only:
+            if flops is None:
+                raise SystemExit(f"{jax.default_backend()}: XLA gives no FLOP count here; "
+                                 "run --count-only with JAX_PLATFORMS=cpu")
             return {"recipe": recipe, "dtype": dtype, "batch": batch,
                     "tflop_per_step": round(flops / 1e12, 3), **override_fields(overrides, recipe)}
         start = time.perf_counter()
@@ -144,8 +150,9 @@ def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False, overrid
         "recipe": recipe, "dtype": dtype, "batch": batch, "params": train_state.count_params(state.params),
         "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
         "compile_s": round(compile_s, 1), "ms_per_step": round(1e3 * seconds, 2),
-        "images_per_s": round(batch / seconds, 1), "tflop_per_step": round(flops / 1e12, 3),
-        "tflop_per_s": round(flops / seconds / 1e12, 1),
+        "images_per_s": round(batch / seconds, 1),
+        "tflop_per_step": round(flops / 1e12, 3) if flops else None,
+        "tflop_per_s": round(flops / seconds / 1e12, 1) if flops else None,
         "peak_gb": round(memory.get("peak_bytes_in_use", 0) / 1e9, 2),
         "loss": float(metrics["loss"]), "jax": jax.__version__,
         **override_fields(overrides, recipe),
