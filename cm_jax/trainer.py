@@ -10,7 +10,8 @@ the teacher) and a fresh optimizer; its learning rate decays within each stage.
 Sharding: a 1-D device mesh with axis "data". The batch is split over it, everything in the
 state is replicated, and XLA inserts the gradient all-reduce, because the loss is a mean over
 the global batch. The same code runs on 1 CPU, 8 fake CPU devices, a GPU, or a TPU pod
-(each host feeds its rows of the global batch; see data.py).
+(each host feeds its rows of the global batch; see data.py). With train.microbatches > 1 the
+gradient is accumulated over slices of the batch, for batches whose activations do not fit.
 """
 import os
 import signal
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import optax
 import tqdm
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cm_jax import (checkpoint, data, losses, lpips, metric_logging, models, optim, sampling,
                     schedules, teacher)
@@ -38,14 +41,20 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
     total_steps = losses.total_curriculum_steps(config)
     ema_rates = tuple(config.train.ema_rates)
     sc, staged = config.schedule, config.schedule.kind == "pd"
+    microbatches = config.train.microbatches
 
     def one_step(state, batch, frozen):
         if staged:
             state = _start_pd_stage_if_due(state, tx, sc)
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, state.target_params, batch, rng, state.step,
-                                      frozen)
+
+        def gradient(rows, key):
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, metrics), grads = grad_fn(state.params, state.target_params, rows, key,
+                                          state.step, frozen)
+            return grads, metrics
+
+        grads, metrics = accumulate_gradient(gradient, batch, rng, microbatches, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         lr_factor = 1.0
         if staged:
@@ -74,6 +83,38 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
                    in_shardings=(replicated(mesh), batch_sharding(mesh, spc), replicated(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)),
                    donate_argnums=0)
+
+
+def accumulate_gradient(gradient, batch, rng, microbatches, mesh):
+    """gradient(rows, key) -> (grads, metrics) over the whole batch, computed `microbatches`
+    slices at a time (lax.scan) and averaged: the step of the full batch in about 1/microbatches
+    of its activation memory (the official PyTorch code's `microbatch`, EDM's `batch_gpu`).
+
+    Slice j holds every microbatches-th row of each device's rows, so every slice stays spread
+    over all devices, and draws its noise from fold_in(key, j). As every loss is a mean over
+    examples, the average of the slices' gradients is the gradient of the batch mean; only the
+    random draws differ from a step without slices. One slice is the plain call, bit for bit.
+    """
+    if microbatches == 1:
+        return gradient(batch, rng)
+    slices = NamedSharding(mesh, P(None, "data"))
+
+    def split(x):  # [B, ...] -> [microbatches, B / microbatches, ...], rows j::microbatches
+        x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
+        return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), slices)
+
+    def add_slice(total, inputs):
+        j, rows = inputs
+        grads, metrics = gradient(rows, jax.random.fold_in(rng, j))
+        return jax.tree.map(jnp.add, total, grads), metrics
+
+    first_grads = jax.eval_shape(gradient, jax.tree.map(lambda x: x[::microbatches], batch),
+                                 rng)[0]
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first_grads)
+    total, metrics = jax.lax.scan(add_slice, zeros,
+                                  (jnp.arange(microbatches), jax.tree.map(split, batch)))
+    return (jax.tree.map(lambda g: g / microbatches, total),
+            jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
 
 
 def _start_pd_stage_if_due(state, tx, schedule_config):
@@ -136,6 +177,11 @@ def validate_config(config):
                          f"{jax.device_count()} devices.")
     if t.steps_per_call < 1:
         raise ValueError(f"train.steps_per_call={t.steps_per_call} must be at least 1.")
+    if t.microbatches < 1 or t.batch_size % (t.microbatches * jax.device_count()):
+        raise ValueError(f"train.microbatches={t.microbatches} must be at least 1 and divide "
+                         f"the {t.batch_size // jax.device_count()} rows of the batch each of "
+                         f"the {jax.device_count()} devices holds "
+                         f"(train.batch_size={t.batch_size}).")
     for name, least in (("num_steps", 1), ("log_every", 1), ("save_every", 1),
                         ("sample_every", 0), ("fid_every", 0)):
         value = getattr(t, name)

@@ -174,6 +174,7 @@ def base_config():
         batch_size=512,
         num_steps=800_000,
         steps_per_call=1,         # > 1: lax.scan several steps per device call
+        microbatches=1,           # > 1: accumulate the gradient over this many slices of the batch
         log_every=100,
         save_every=10_000,
         keep_checkpoints=3,

@@ -147,3 +147,83 @@ def test_lpips_without_vgg_weights_is_a_clear_error():
     config.loss.distance = "lpips"
     with pytest.raises(lpips.LPIPSWeightsError, match="lpips_vgg_path is empty"):
         trainer.load_frozen_networks(config, train_state.create_mesh())
+
+
+# --------------------------------------------------------------------------- microbatches
+def _mean_square_gradient(weights):
+    """A deterministic per-example loss and its gradient, in accumulate_gradient's form."""
+    def gradient(rows, key):
+        def loss(w):
+            per_example = jnp.mean((rows["image"] * w) ** 2, axis=(1, 2, 3))
+            return jnp.mean(per_example), {"loss": jnp.mean(per_example)}
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(weights)
+        return grads, metrics
+    return gradient
+
+
+def test_accumulated_gradient_equals_the_whole_batch_gradient():
+    mesh = train_state.create_mesh(jax.devices())
+    rng = np.random.default_rng(1)
+    images = jax.device_put(rng.normal(size=(32, 4, 4, 3)).astype(np.float32),
+                            train_state.batch_sharding(mesh))
+    batch = {"image": images, "label": jnp.zeros(32, jnp.int32)}
+    gradient = _mean_square_gradient(jnp.asarray(rng.normal(size=(3,)), jnp.float32))
+    run = jax.jit(lambda b, k: trainer.accumulate_gradient(gradient, b, jax.random.PRNGKey(0),
+                                                           k, mesh), static_argnums=1)
+    whole, whole_metrics = run(batch, 1)
+    for k in (2, 4):
+        grads, metrics = run(batch, k)
+        np.testing.assert_allclose(grads, whole, rtol=1e-6)
+        assert float(metrics["loss"]) == pytest.approx(float(whole_metrics["loss"]), rel=1e-6)
+
+
+def test_each_microbatch_sees_every_kth_row_with_its_own_key():
+    mesh = train_state.create_mesh(jax.devices())
+    k, key = 4, jax.random.PRNGKey(3)
+
+    def gradient(rows, slice_key):
+        # Row r's entry of the "gradient" is the slice's key drawn as a number, so the mean
+        # over slices shows which slice held row r, and with which key.
+        draw = jax.random.uniform(slice_key)
+        return jax.nn.one_hot(rows["label"], 32).sum(axis=0) * draw, {}
+
+    batch = {"image": jnp.zeros((32, 2, 2, 3)), "label": jnp.arange(32)}
+    batch = jax.device_put(batch, train_state.batch_sharding(mesh))
+    grads, _ = jax.jit(lambda b: trainer.accumulate_gradient(gradient, b, key, k, mesh))(batch)
+    draws = np.array([float(jax.random.uniform(jax.random.fold_in(key, j))) for j in range(k)])
+    expected = draws[np.arange(32) % k] / k  # row r in slice r mod k
+    np.testing.assert_allclose(np.asarray(grads), expected, rtol=1e-6)
+    assert len(set(draws)) == k
+
+
+def test_microbatched_step_agrees_on_eight_devices_and_one():
+    config = cifar10_ict.get_config("test")  # dropout, lognormal pairs, pseudo-Huber
+    config.train.microbatches = 2
+    state8, metrics8 = _run(config, jax.devices())
+    state1, metrics1 = _run(config, jax.devices()[:1])
+    for m8, m1 in zip(metrics8, metrics1):
+        assert m8["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    _assert_trees_close(state8.params, state1.params, rtol=1e-5, atol=1e-6)
+
+
+def _step_temp_bytes(config):
+    mesh, net, tx, lr, state = _setup(config, jax.devices()[:1])
+    step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
+    batch = _batches(config, mesh, 1)[0]
+    return step_fn.lower(state, batch, None).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_microbatches_cut_the_step_memory():
+    config = cifar10_ict.get_config("test")
+    config.train.batch_size = 32
+    whole = _step_temp_bytes(config)
+    config.train.microbatches = 4
+    sliced = _step_temp_bytes(config)
+    assert sliced < 0.5 * whole, (sliced, whole)
+
+
+def test_microbatches_that_do_not_divide_a_devices_rows_are_a_clear_error():
+    config = cifar10_ict.get_config("test")  # batch 8 on 8 devices: one row each
+    config.train.microbatches = 2
+    with pytest.raises(ValueError, match="train.microbatches=2 must .* divide the 1 rows"):
+        trainer.validate_config(config)
