@@ -94,10 +94,10 @@ def recipe_config(recipe, dtype, batch, tiny, overrides=()):
 def random_teacher(config, net, mesh):
     """(teacher_net, frozen, the student's initial params) as `trainer.train_and_evaluate`
     builds them from `load_frozen_networks` and `initial_student`, with a randomly initialised
-    network of the student's architecture as the teacher of cd, pd, ect and scd. PD moves it
-    out of `frozen` into the state's θ⁻, ECT only starts from it; CD and sCD keep it frozen and
-    start the student from it (teacher.init_student)."""
-    if config.method not in ("cd", "pd", "ect", "scd"):  # no teacher; LPIPS where configured
+    network of the student's architecture as the teacher of cd, pd, ect, sct and scd. PD moves
+    it out of `frozen` into the state's θ⁻, ECT and sCT only start from it; CD and sCD keep it
+    frozen and start the student from it (teacher.init_student)."""
+    if not trainer.uses_teacher(config):  # no teacher; LPIPS where configured
         teacher_net, frozen = trainer.load_frozen_networks(config, mesh)
         return teacher_net, frozen, None
     # An EDM run's parameters: the network's alone (sCM's uncertainty head is the student's).

@@ -212,7 +212,12 @@ def _check_scm_config(config):
     c = config.scm
     if config.method == "scd" and not config.teacher.workdir:
         raise ValueError("sCD distils an EDM teacher: set config.teacher.workdir to a "
-                         "method='edm' run.")
+                         "method='edm' run (configs/cifar10_edm.py:scm).")
+    if config.method == "sct" and config.teacher.init_student and not config.teacher.workdir:
+        raise ValueError("sCT starts from a pretrained diffusion model, as in the paper: set "
+                         "config.teacher.workdir to a method='edm' run "
+                         "(configs/cifar10_edm.py:scm), or config.teacher.init_student=False "
+                         "to train from scratch.")
     if c.jvp not in ("autodiff", "finite_difference"):
         raise ValueError(f"scm.jvp={c.jvp!r}: use autodiff or finite_difference.")
     if c.jvp == "autodiff" and config.model.get("attention_impl") == "cudnn":
@@ -230,11 +235,10 @@ def _check_scm_config(config):
                          f"scm.uncertainty_channels={c.uncertainty_channels} ≥ 1.")
 
 
-def _uses_teacher(config):
-    """CD, PD and sCD distil a teacher; ECT starts from one; sCT may (teacher.workdir set)."""
-    init = config.teacher.init_student
-    return (config.method in ("cd", "pd", "scd") or (config.method == "ect" and init)
-            or (config.method == "sct" and init and bool(config.teacher.workdir)))
+def uses_teacher(config):
+    """CD, PD and sCD distil a teacher; ECT and sCT start from one unless init_student=False."""
+    return (config.method in ("cd", "pd", "scd")
+            or (config.method in ("ect", "sct") and config.teacher.init_student))
 
 
 def load_frozen_networks(config, mesh):
@@ -242,7 +246,7 @@ def load_frozen_networks(config, mesh):
     never trains: "teacher" (the EDM teacher of CD, PD and sCD, the starting point of ECT and
     of sCT when it has one) and "lpips" (the LPIPS VGG16), replicated."""
     teacher_net, frozen = None, {}
-    if _uses_teacher(config):
+    if uses_teacher(config):
         teacher_net, _, frozen["teacher"] = teacher.load_teacher(config.teacher, mesh)
         logging.info("Teacher: %s", config.teacher.workdir)
     if config.method != "edm" and config.loss.distance == "lpips":

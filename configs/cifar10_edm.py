@@ -4,7 +4,11 @@
 step at batch 512), lognormal σ (P_mean −1.2, P_std 1.2), EDM weighting. Sample grids use the
 Heun sampler with 18 steps (35 network evaluations).
 
-Variants: paper (default), `:cpu`, `:test`.
+Variants: paper (default); `:scm`, the teacher of sCT and sCD (`cifar10_sct.py`,
+`cifar10_scd.py`): the same recipe with positional time embeddings, as the sCM paper's teacher
+(Lu & Song 2025, whose teacher also has TrigFlow's parameterisation, equivalent to EDM's
+preconditioning up to the noise conditioning, and adaptive double normalisation, which is not
+here); `:cpu`; `:test`.
 """
 from configs import common
 
@@ -16,7 +20,9 @@ def get_config(variant=None):
     c.optim.update(name="adam", lr=1e-3, warmup_steps=19_531, grad_clip=0.0)
     c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=18)
     c.train.update(batch_size=512, num_steps=400_000, ema_rates=(0.99929,))
-    if variant == "cpu":
+    if variant == "scm":
+        c.model.embedding_type = "positional"
+    elif variant == "cpu":
         common.apply_cpu_variant(c)
         c.optim.update(lr=1e-3, warmup_steps=200)
     elif variant == "test":
@@ -24,5 +30,5 @@ def get_config(variant=None):
         c.optim.warmup_steps = 2
         c.edm.sample_steps = 3
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r} of cifar10_edm: use cpu or test.")
+        raise ValueError(f"Unknown variant {variant!r} of cifar10_edm: use scm, cpu or test.")
     return c

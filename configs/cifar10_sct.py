@@ -1,14 +1,13 @@
 """sCT: continuous-time consistency training on CIFAR-10 (Lu & Song, ICLR 2025, "Simplifying,
 Stabilizing and Scaling Continuous-Time Consistency Models"); the recipe and its sources are in
-`configs.common.scm_config`. From scratch; to start from an EDM run instead (FastGen's "sCT
-with the EDM checkpoint", which also widens P_std to 1.8):
+`configs.common.scm_config`. As in the paper, it starts from a diffusion teacher with positional
+time embeddings; `--config.teacher.init_student=False` trains from scratch instead:
 
-    python launch.py --config=configs/cifar10_sct.py --workdir=workdirs/sct
-    python launch.py --config=configs/cifar10_sct.py --workdir=workdirs/sct_from_edm \
-        --config.teacher.workdir=workdirs/edm --config.teacher.init_student=True \
-        --config.loss.p_std=1.8 --config.model.embedding_type=fourier
+    python launch.py --config=configs/cifar10_edm.py:scm --workdir=workdirs/edm_scm
+    python launch.py --config=configs/cifar10_sct.py --workdir=workdirs/sct \
+        --config.teacher.workdir=workdirs/edm_scm
 
-Variants: paper (default), `cpu` (a 0.32M-parameter NCSN++, 600 steps), `test`.
+Variants: paper (default), `cpu` (a 0.32M-parameter NCSN++ from scratch, 600 steps), `test`.
 """
 from configs import common
 

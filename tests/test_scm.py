@@ -13,7 +13,7 @@ import pytest
 from cm_jax import losses, models, precond, runs, train_state, trainer, trigflow
 from cm_jax.generate import Generator
 from cm_jax.models import uncertainty
-from configs import cifar10_scd, cifar10_sct
+from configs import cifar10_edm, cifar10_scd, cifar10_sct
 
 from test_ect import start_from_teacher
 from test_losses import OracleNet, _batch, _x0
@@ -264,10 +264,24 @@ def test_paper_recipe():
     c = cifar10_sct.get_config()
     assert (c.method, c.model.embedding_type, c.model.dropout) == ("sct", "positional", 0.2)
     assert (c.loss.p_mean, c.loss.p_std, c.optim.beta2) == (-1.0, 1.4, 0.99)
+    assert (c.optim.lr, c.train.batch_size, c.teacher.init_student) == (1e-4, 512, True)
     assert c.train.ema_rates[0] == pytest.approx(0.99929, abs=1e-5)  # 0.5M-image half-life
     assert c.sample.sigmas[1] == pytest.approx(0.9823798)            # t = 1.1
+    assert (c.scm.tangent_norm_c, c.scm.tangent_warmup_steps) == (0.1, 10_000)
     d = cifar10_scd.get_config()
-    assert (d.method, d.model.embedding_type, d.teacher.init_student) == ("scd", "fourier", True)
+    assert (d.method, d.model.dropout, d.teacher.init_student) == ("scd", 0.0, True)
+    # Both start from the sCM teacher, whose network they must have.
+    teacher = cifar10_edm.get_config("scm").model
+    assert c.model.to_dict() == dict(teacher.to_dict(), dropout=0.2)
+    assert d.model.to_dict() == dict(teacher.to_dict(), dropout=0.0)
+
+
+def test_sct_that_should_start_from_a_teacher_without_one_is_a_clear_error():
+    config = cifar10_sct.get_config()
+    with pytest.raises(ValueError, match="sCT starts from a pretrained diffusion model"):
+        trainer.validate_config(config)
+    config.teacher.init_student = False
+    trainer.validate_config(config)
 
 
 def test_the_sct_step_is_the_same_on_eight_devices_one_device_and_scanned():
