@@ -5,8 +5,10 @@
 - discretised lognormal pair sampling (P_mean −1.1, P_std 2.0) and λ = 1/(σ_{i+1} − σ_i);
 - exponential curriculum s0 = 10 → s1 = 1280 (N doubles every 50k of the 400k steps);
 - batch 1024, 400k steps, dropout 0.3, Fourier-embedding scale 0.02.
-Recalled, not yet checked against the paper's table: the optimizer (RAdam, lr 1e-4) and the
-Fourier scale 0.02; check them before quoting. The μ(k) formula does not apply (μ = 0).
+Not yet checked against the paper's own table, but what secondary sources give (reading notes
+of the paper, the diffusers iCT script; the sCM paper says positional embeddings "amount to
+s ≈ 0.02"): the optimizer (RAdam, lr 1e-4), batch 1024, EMA 0.99993, dropout 0.3 and the
+Fourier scale 0.02. The μ(k) formula does not apply (μ = 0).
 
 Variants: paper (default), `:cpu` (tiny model, minutes on a CPU), `:test` (test suite).
 """
