@@ -1,0 +1,188 @@
+"""Import a released openai/consistency_models checkpoint (PyTorch ``.pt``) as a run of this
+framework, so that sampling, editing, ``--mode=eval`` and distillation read it like any workdir:
+
+    python -m cm_jax.import_openai --checkpoint=cd_imagenet64_lpips.pt \\
+        --config=configs/imagenet64_cd.py --workdir=workdirs/openai_cd_imagenet64_lpips
+    python -m cm_jax.import_openai --checkpoint=edm_imagenet64_ema.pt \\
+        --config=configs/imagenet64_edm.py --workdir=workdirs/openai_edm_imagenet64
+
+The released files are the state dicts of guided-diffusion's ``UNetModel`` (ADM), whose module
+names ``models/adm.py`` mirrors: a Flax path ``input_blocks_1_0/in_layers_2/kernel`` is the torch
+key ``input_blocks.1.0.in_layers.2.weight``. Converting is a rename, a transpose (convolutions
+OIHW to HWIO, the attention's 1-D convolutions [O, I, 1] likewise, linear layers [out, in] to
+[in, out]) and one permutation: openai/consistency_models builds its attention blocks with
+``attention_type="flash"``, whose qkv convolution lays its output channels out as
+(q/k/v, head, channel), while ``models/adm.py`` reads guided-diffusion's legacy order (head,
+q/k/v, channel). Loading the flash weights into the legacy order gives bad samples
+(openai/consistency_models #25), so the importer reorders them; ``--qkv_layout=legacy`` takes
+guided-diffusion checkpoints as they are.
+
+The imported run holds the weights as θ and as every evaluation EMA, at step 0 (the released
+files are the EMA weights). torch is needed only to read the ``.pt`` and is imported lazily; a
+state dict saved as ``.npz`` needs none.
+"""
+import hashlib
+import json
+import os
+import re
+
+import jax
+import numpy as np
+
+from cm_jax import checkpoint, models, optim, trainer
+from cm_jax.train_state import create_mesh, init_params, init_train_state
+
+QKV_LAYOUTS = ("flash", "legacy")
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+class CheckpointImportError(ValueError):
+    """The checkpoint does not fit the configured network, or the workdir is taken."""
+
+
+def read_state_dict(path):
+    """{torch key: float32 array} of a ``.pt`` state dict (torch on the CPU) or an ``.npz``."""
+    if not os.path.isfile(path):
+        raise CheckpointImportError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            return {key: f[key].astype(np.float32) for key in f.files}
+    import torch  # pylint: disable=import-outside-toplevel  # Only .pt files need it.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointImportError(f"{path!r} is not a state dict of tensors (a released "
+                           "openai/consistency_models checkpoint is one)")
+    return {key: value.float().numpy() for key, value in state.items()}
+
+
+def torch_key(flax_path):
+    """The torch state-dict key of a Flax parameter path: ``_<digits>`` become ``.<digits>``
+    (Sequential indices) and the leaf takes its torch name."""
+    *modules, leaf = flax_path
+    names = [re.sub(r"_(\d+)", r".\1", module) for module in modules]
+    return ".".join(names + [_TORCH_LEAF[leaf]])
+
+
+def _heads(model_config, width):
+    if model_config.num_head_channels == -1:
+        return model_config.num_heads
+    return width // model_config.num_head_channels
+
+
+def _flash_to_legacy(tensor, heads):
+    """Reorder qkv output channels (axis 0) from (3, heads, d) to (heads, 3, d)."""
+    rest = tensor.shape[1:]
+    d = tensor.shape[0] // (3 * heads)
+    return tensor.reshape((3, heads, d) + rest).swapaxes(0, 1).reshape((-1,) + rest)
+
+
+def to_flax(tensor, flax_path, model_config, qkv_layout):
+    """One torch tensor in the layout of the Flax parameter at ``flax_path``."""
+    if flax_path[-2] == "qkv" and qkv_layout == "flash":
+        width = tensor.shape[0] // 3
+        tensor = _flash_to_legacy(tensor, _heads(model_config, width))
+    if flax_path[-1] != "kernel":
+        return tensor
+    if tensor.ndim == 2:                      # Linear [out, in] -> Dense [in, out]
+        return tensor.T
+    if tensor.ndim == 3:                      # Conv1d [O, I, 1] -> 1x1 Conv2d
+        tensor = tensor[..., None]
+    return tensor.transpose(2, 3, 1, 0)       # OIHW -> HWIO
+
+
+def adm_params(state_dict, config, qkv_layout="flash"):
+    """The ADM parameters of ``config.model`` from a guided-diffusion state dict. Every Flax
+    parameter must find its key with the right shape, and every key must be used: a mismatch
+    (another network size, learn_sigma's six output channels, another attention layout of the
+    config) is one error naming the keys."""
+    if config.model.name != "adm":
+        raise CheckpointImportError(f"config.model.name={config.model.name!r}: the released "
+                           "openai/consistency_models checkpoints are ADM networks")
+    if qkv_layout not in QKV_LAYOUTS:
+        raise CheckpointImportError(f"qkv_layout={qkv_layout!r}: use one of {QKV_LAYOUTS}")
+    net = models.create_model(config.model)
+    expected = jax.eval_shape(lambda: init_params(config, net, jax.random.PRNGKey(0)))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
+    params, missing, wrong = [], [], []
+    for path, shape in leaves:
+        flax_path = tuple(entry.key for entry in path)
+        key = torch_key(flax_path)
+        if key not in state_dict:
+            missing.append(key)
+            params.append(None)
+            continue
+        value = to_flax(np.asarray(state_dict[key], np.float32), flax_path, config.model,
+                        qkv_layout)
+        if value.shape != shape.shape:
+            wrong.append(f"{key}: {tuple(state_dict[key].shape)} gives {value.shape}, "
+                         f"the network has {shape.shape}")
+        params.append(value)
+    used = {torch_key(tuple(e.key for e in path)) for path, _ in leaves}
+    unused = sorted(set(state_dict) - used)
+    if missing or wrong or unused:
+        problems = ([f"missing {k}" for k in missing[:5]] + wrong[:5]
+                    + [f"unused {k}" for k in unused[:5]])
+        raise CheckpointImportError(
+            f"the checkpoint does not fit config.model ({len(missing)} keys missing, "
+            f"{len(wrong)} of another shape, {len(unused)} unused): " + "; ".join(problems)
+            + ". Give the config the checkpoint was trained with (configs/imagenet64_*.py for "
+            "the ImageNet-64 releases).")
+    return jax.tree_util.tree_unflatten(treedef, params)
+
+
+def write_run(config, params, workdir, source):
+    """A workdir holding ``params`` as θ and every EMA at step 0, its config.json, and
+    ``imported.json`` (the source file, its sha256, the qkv layout). Never overwrites a run."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(ckpt_dir):
+        raise CheckpointImportError(f"{workdir!r} already holds a run; give an empty --workdir")
+    os.makedirs(workdir, exist_ok=True)
+    mesh = create_mesh()
+    net = models.create_model(config.model)
+    tx, _ = optim.make_optimizer(config.optim)
+    state = init_train_state(config, net, tx, mesh, initial_params=params)
+    ckpt = checkpoint.Checkpointer(ckpt_dir)
+    try:
+        ckpt.save(0, state, trainer.data_meta(config))
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    trainer.write_config(config, workdir)
+    with open(os.path.join(workdir, "imported.json"), "w", encoding="utf-8") as f:
+        json.dump(source, f, indent=2)
+
+
+def import_checkpoint(path, config, workdir, qkv_layout="flash"):
+    """Read, convert and write: the whole command."""
+    state_dict = read_state_dict(path)
+    params = adm_params(state_dict, config, qkv_layout)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    write_run(config, params, workdir, {"checkpoint": os.path.abspath(path), "sha256": digest,
+                                        "qkv_layout": qkv_layout})
+
+
+def main(argv):
+    del argv
+    try:
+        import_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.qkv_layout)
+    except CheckpointImportError as e:
+        raise SystemExit(f"import_openai: {e}") from None
+    print(f"imported {FLAGS.checkpoint} into {FLAGS.workdir}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags  # pylint: disable=ungrouped-imports
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    flags.DEFINE_string("checkpoint", None, "The released .pt (or its state dict as .npz).",
+                        required=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "The run config, e.g. configs/imagenet64_cd.py (variant after ':'); "
+        "--config.x=y overrides.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "An empty folder for the imported run.", required=True)
+    flags.DEFINE_enum("qkv_layout", "flash", QKV_LAYOUTS,
+                      "flash: openai/consistency_models; legacy: guided-diffusion.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

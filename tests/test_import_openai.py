@@ -1,0 +1,222 @@
+"""Importing released openai/consistency_models (guided-diffusion ADM) state dicts.
+
+The reference here is written from guided-diffusion's ``UNetModel`` structure, independently of
+``models/adm.py``'s names: `openai_state_dict` lists the keys and torch shapes that UNetModel
+creates, and the blocks are recomputed with torch.nn.functional on the torch-layout tensors
+(convolutions OIHW, the attention's 1-D convolutions [O, I, 1], linear layers [out, in], and the
+flash attention's qkv channels as (q|k|v, head, channel), which the released files use).
+"""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm_jax import import_openai, runs, train_state
+from cm_jax.generate import Generator
+from cm_jax.models import adm
+from configs import common, imagenet64_cd, imagenet64_edm
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+# --------------------------------------------------------------------------- the reference
+def openai_state_dict(model, image_size, make):
+    """{key: make(shape)} for every parameter of guided-diffusion's UNetModel with these
+    hyperparameters (learn_sigma off, resblock_updown, 1x1 skip convolutions)."""
+    mc, emb = model.model_channels, 4 * model.model_channels
+    sd = {}
+
+    def add(key, *shape):
+        sd[key] = make(shape)
+
+    def resblock(prefix, cin, cout):
+        add(f"{prefix}.in_layers.0.weight", cin), add(f"{prefix}.in_layers.0.bias", cin)
+        add(f"{prefix}.in_layers.2.weight", cout, cin, 3, 3), add(f"{prefix}.in_layers.2.bias", cout)
+        film = 2 * cout if model.use_scale_shift_norm else cout
+        add(f"{prefix}.emb_layers.1.weight", film, emb), add(f"{prefix}.emb_layers.1.bias", film)
+        add(f"{prefix}.out_layers.0.weight", cout), add(f"{prefix}.out_layers.0.bias", cout)
+        add(f"{prefix}.out_layers.3.weight", cout, cout, 3, 3)
+        add(f"{prefix}.out_layers.3.bias", cout)
+        if cin != cout:
+            add(f"{prefix}.skip_connection.weight", cout, cin, 1, 1)
+            add(f"{prefix}.skip_connection.bias", cout)
+
+    def attention(prefix, ch):
+        add(f"{prefix}.norm.weight", ch), add(f"{prefix}.norm.bias", ch)
+        add(f"{prefix}.qkv.weight", 3 * ch, ch, 1), add(f"{prefix}.qkv.bias", 3 * ch)
+        add(f"{prefix}.proj_out.weight", ch, ch, 1), add(f"{prefix}.proj_out.bias", ch)
+
+    add("time_embed.0.weight", emb, mc), add("time_embed.0.bias", emb)
+    add("time_embed.2.weight", emb, emb), add("time_embed.2.bias", emb)
+    if model.num_classes:
+        add("label_emb.weight", model.num_classes, emb)
+    ch = mc * model.ch_mult[0]
+    add("input_blocks.0.0.weight", ch, 3, 3, 3), add("input_blocks.0.0.bias", ch)
+    chans, size, index = [ch], image_size, 1
+    for level, mult in enumerate(model.ch_mult):
+        for _ in range(model.num_res_blocks):
+            resblock(f"input_blocks.{index}.0", ch, mc * mult)
+            ch = mc * mult
+            if size in model.attn_resolutions:
+                attention(f"input_blocks.{index}.1", ch)
+            chans.append(ch)
+            index += 1
+        if level != len(model.ch_mult) - 1:
+            resblock(f"input_blocks.{index}.0", ch, ch)
+            chans.append(ch)
+            size, index = size // 2, index + 1
+    resblock("middle_block.0", ch, ch), attention("middle_block.1", ch)
+    resblock("middle_block.2", ch, ch)
+    index = 0
+    for level, mult in reversed(list(enumerate(model.ch_mult))):
+        for i in range(model.num_res_blocks + 1):
+            resblock(f"output_blocks.{index}.0", ch + chans.pop(), mc * mult)
+            ch, position = mc * mult, 1
+            if size in model.attn_resolutions:
+                attention(f"output_blocks.{index}.1", ch)
+                position = 2
+            if level and i == model.num_res_blocks:
+                resblock(f"output_blocks.{index}.{position}", ch, ch)
+                size *= 2
+            index += 1
+    add("out.0.weight", ch), add("out.0.bias", ch)
+    add("out.2.weight", 3, ch, 3, 3), add("out.2.bias", 3)
+    return sd
+
+
+def _random(seed):
+    rng = np.random.default_rng(seed)
+    return lambda shape: (0.2 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _torch_group_norm(x, sd, prefix):
+    return F.group_norm(x, 32, sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], eps=1e-5)
+
+
+def torch_flash_attention(x, sd, prefix, heads):
+    """guided-diffusion's AttentionBlock with QKVFlashAttention, on NCHW torch tensors."""
+    b, c, h, w = x.shape
+    t, d = h * w, c // heads
+    flat = x.reshape(b, c, t)
+    qkv = F.conv1d(_torch_group_norm(flat, sd, f"{prefix}.norm"), sd[f"{prefix}.qkv.weight"],
+                   sd[f"{prefix}.qkv.bias"])                         # [B, 3C, T]
+    q, k, v = qkv.reshape(b, 3, heads, d, t).unbind(1)                  # (three, h, d)
+    logits = torch.einsum("bhdt,bhds->bhts", q, k) / d ** 0.5
+    out = torch.einsum("bhts,bhds->bhdt", logits.softmax(-1), v).reshape(b, c, t)
+    out = F.conv1d(out, sd[f"{prefix}.proj_out.weight"], sd[f"{prefix}.proj_out.bias"])
+    return (flat + out).reshape(b, c, h, w)
+
+
+def torch_res_block(x, emb, sd, prefix):
+    """guided-diffusion's ResBlock with use_scale_shift_norm, no resampling, on NCHW."""
+    h = F.conv2d(F.silu(_torch_group_norm(x, sd, f"{prefix}.in_layers.0")),
+                 sd[f"{prefix}.in_layers.2.weight"], sd[f"{prefix}.in_layers.2.bias"], padding=1)
+    e = F.linear(F.silu(emb), sd[f"{prefix}.emb_layers.1.weight"], sd[f"{prefix}.emb_layers.1.bias"])
+    scale, shift = e[:, :, None, None].chunk(2, dim=1)
+    h = _torch_group_norm(h, sd, f"{prefix}.out_layers.0") * (1 + scale) + shift
+    h = F.conv2d(F.silu(h), sd[f"{prefix}.out_layers.3.weight"], sd[f"{prefix}.out_layers.3.bias"],
+                 padding=1)
+    skip = F.conv2d(x, sd[f"{prefix}.skip_connection.weight"], sd[f"{prefix}.skip_connection.bias"])
+    return skip + h
+
+
+def _block_params(sd, prefix, names, model_config, qkv_layout="flash"):
+    """The Flax parameters of one block, converted key by key by the importer."""
+    params = {}
+    for module, leaves in names.items():
+        params[module] = {}
+        for leaf in leaves:
+            path = (module, leaf)
+            key = import_openai.torch_key(("block",) + path).replace("block.", f"{prefix}.", 1)
+            params[module][leaf] = import_openai.to_flax(sd[key], path, model_config, qkv_layout)
+    return params
+
+
+# --------------------------------------------------------------------------- tests
+def test_torch_keys_follow_the_state_dict_names():
+    assert import_openai.torch_key(("input_blocks_1_0", "in_layers_2", "kernel")) == \
+        "input_blocks.1.0.in_layers.2.weight"
+    assert import_openai.torch_key(("label_emb", "embedding")) == "label_emb.weight"
+    assert import_openai.torch_key(("output_blocks_5_2", "skip_connection", "bias")) == \
+        "output_blocks.5.2.skip_connection.bias"
+    assert import_openai.torch_key(("out_0", "scale")) == "out.0.weight"
+
+
+def test_flash_attention_weights_give_the_flash_block():
+    model = common.tiny_adm()  # 32-channel heads
+    sd = {k: torch.from_numpy(v) for k, v in openai_state_dict(model, 16, _random(0)).items()
+          if k.startswith("middle_block.1.")}
+    x = torch.from_numpy(_random(1)((2, 64, 4, 4)))
+    expected = torch_flash_attention(x, sd, "middle_block.1", heads=2).numpy()
+    names = {"norm": ("scale", "bias"), "qkv": ("kernel", "bias"), "proj_out": ("kernel", "bias")}
+    sd_np = {k: v.numpy() for k, v in sd.items()}
+    block = adm.AttentionBlock(num_heads=2)
+    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    for layout, close in (("flash", True), ("legacy", False)):
+        params = _block_params(sd_np, "middle_block.1", names, model, layout)
+        out = np.asarray(block.apply({"params": params}, x_nhwc)).transpose(0, 3, 1, 2)
+        # Read in the legacy order, the flash weights mix up q, k and v across heads.
+        assert np.allclose(out, expected, rtol=1e-4, atol=1e-5) == close, layout
+
+
+def test_res_block_weights_give_the_torch_block():
+    model = common.tiny_adm()
+    sd = openai_state_dict(model, 16, _random(2))
+    prefix = "input_blocks.3.0"  # 32 -> 64 channels: a 1x1 skip convolution
+    sd = {k: torch.from_numpy(v) for k, v in sd.items() if k.startswith(prefix + ".")}
+    x = torch.from_numpy(_random(3)((2, 32, 8, 8)))
+    emb = torch.from_numpy(_random(4)((2, 128)))
+    expected = torch_res_block(x, emb, sd, prefix).numpy()
+    names = {n: ("scale", "bias") for n in ("in_layers_0", "out_layers_0")}
+    names.update({n: ("kernel", "bias") for n in ("in_layers_2", "emb_layers_1", "out_layers_3",
+                                                  "skip_connection")})
+    params = _block_params({k: v.numpy() for k, v in sd.items()}, prefix, names, model)
+    out = adm.ResBlock(64).apply({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
+                                 jnp.asarray(emb.numpy()), train=False)
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_the_paper_network_takes_every_key_of_its_state_dict():
+    config = imagenet64_cd.get_config()
+    sd = openai_state_dict(config.model, 64, lambda shape: np.zeros(shape, np.float32))
+    params = import_openai.adm_params(sd, config)
+    assert train_state.count_params(params) == 295_899_267
+    assert sum(v.size for v in sd.values()) == 295_899_267
+
+
+def test_a_checkpoint_of_another_network_is_one_clear_error():
+    config = imagenet64_edm.get_config("test")
+    sd = openai_state_dict(config.model, 16, _random(5))
+    with pytest.raises(import_openai.CheckpointImportError, match="unused middle_block"):
+        import_openai.adm_params({k: v for k, v in sd.items()} | {"middle_block.9.weight":
+                                                                  np.zeros(3, np.float32)}, config)
+    del sd["out.2.bias"]
+    with pytest.raises(import_openai.CheckpointImportError, match="1 keys missing.*out.2.bias"):
+        import_openai.adm_params(sd, config)
+    sd = openai_state_dict(config.model, 16, _random(5))
+    sd["out.2.weight"] = np.zeros((6, 64, 3, 3), np.float32)  # learn_sigma's six channels
+    with pytest.raises(import_openai.CheckpointImportError, match="out.2.weight"):
+        import_openai.adm_params(sd, config)
+
+
+def test_an_imported_checkpoint_is_a_run(tmp_path):
+    config = imagenet64_cd.get_config("test")
+    sd = openai_state_dict(config.model, 16, _random(6))
+    path = tmp_path / "cd_test.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+    workdir = tmp_path / "run"
+    import_openai.import_checkpoint(str(path), config, str(workdir))
+
+    run_config, _, state = runs.restore_run(str(workdir), train_state.create_mesh())
+    assert run_config.method == "cd" and int(state.step) == 0
+    kernel = np.asarray(state.ema_params[train_state.ema_key(config.train.ema_rates[0])]
+                        ["input_blocks_0_0"]["kernel"])
+    np.testing.assert_array_equal(kernel, sd["input_blocks.0.0.weight"].transpose(2, 3, 1, 0))
+    assert json.loads((workdir / "imported.json").read_text())["qkv_layout"] == "flash"
+    images, _ = Generator(str(workdir)).sample(2, batch_size=2)
+    assert images.shape == (2, 16, 16, 3)
+    with pytest.raises(import_openai.CheckpointImportError, match="already holds a run"):
+        import_openai.import_checkpoint(str(path), config, str(workdir))
