@@ -34,6 +34,16 @@ def adm_imagenet64():
         attention_impl=ml_collections.config_dict.placeholder(str)))
 
 
+def adm_lsun256():
+    """ADM as openai/consistency_models trains it on LSUN 256 (bedroom, cat): 256 channels,
+    ch_mult (1, 1, 2, 2, 4, 4), 2 blocks per level, attention at 32, 16 and 8 with 64-channel
+    heads, residual up/down-sampling, no scale-shift norm, unconditional."""
+    model = adm_imagenet64()
+    model.update(model_channels=256, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                 use_scale_shift_norm=False, num_classes=0)
+    return model
+
+
 def tiny_adm():
     """A small class-conditional ADM (under 1M parameters) with every component of the real
     one, for CPUs: 10 classes, so CIFAR-10's labels stand in for ImageNet's."""
@@ -298,6 +308,35 @@ def imagenet64_config(method):
     c.model = adm_imagenet64()
     c.data.update(dataset="imagenet_resized/64x64", image_size=64, random_flip=True)
     c.train.update(ema_rates=IMAGENET64_EMA_RATES, num_sample_images=64)
+    return c
+
+
+# LSUN 256 (openai/consistency_models `scripts/launch.sh`)
+LSUN256_EMA_RATES = (0.9999, 0.99994, 0.9999432189950708)
+
+
+def lsun256_config(method, category):
+    """The LSUN-256 settings every recipe shares: the unconditional ADM at 256×256 with random
+    flips, σ ∈ [0.002, 80], batch 256, and the official runs' three evaluation EMAs. The data:
+    256×256 centre crops of one LSUN category (guided-diffusion's `datasets/lsun_bedroom.py`
+    makes them) as npz shards or an image folder in `data.dir`; tfds `lsun/<category>` holds
+    the original sizes, which the loader refuses."""
+    if category not in ("bedroom", "cat"):
+        raise ValueError(f"LSUN category {category!r}: the releases are bedroom and cat.")
+    c = base_config()
+    c.method = method
+    c.model = adm_lsun256()
+    c.data.update(dataset=f"lsun/{category}", image_size=256, random_flip=True)
+    c.train.update(batch_size=256, ema_rates=LSUN256_EMA_RATES, num_sample_images=16)
+    return c
+
+
+def apply_small_lsun_variant(c, variant, name):
+    """`cpu` and `test` as `apply_small_adm_variant`, with the tiny ADM made unconditional and
+    without scale-shift norm, as the LSUN network is."""
+    apply_small_adm_variant(c, variant, name)
+    if variant in ("cpu", "test"):
+        c.model.update(num_classes=0, use_scale_shift_norm=False)
     return c
 
 

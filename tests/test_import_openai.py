@@ -15,7 +15,7 @@ import pytest
 from cm_jax import import_openai, runs, train_state
 from cm_jax.generate import Generator
 from cm_jax.models import adm
-from configs import common, imagenet64_cd, imagenet64_edm
+from configs import common, imagenet64_cd, imagenet64_edm, lsun256_cd
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -185,6 +185,13 @@ def test_the_paper_network_takes_every_key_of_its_state_dict():
     params = import_openai.adm_params(sd, config)
     assert train_state.count_params(params) == 295_899_267
     assert sum(v.size for v in sd.values()) == 295_899_267
+
+
+def test_the_lsun_network_takes_every_key_of_its_state_dict():
+    config = lsun256_cd.get_config()  # no scale-shift norm, unconditional, six levels
+    sd = openai_state_dict(config.model, 256, lambda shape: np.zeros(shape, np.float32))
+    params = import_openai.adm_params(sd, config)
+    assert train_state.count_params(params) == sum(v.size for v in sd.values())
 
 
 def test_a_checkpoint_of_another_network_is_one_clear_error():

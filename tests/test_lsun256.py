@@ -1,0 +1,60 @@
+"""The LSUN-256 recipes (openai/consistency_models `scripts/launch.sh`) on the unconditional ADM:
+their values, and teacher → CD → samples at toy size without classes or scale-shift norm."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cm_jax import models, train_state, trainer
+from cm_jax.generate import Generator
+from configs import lsun256_cd, lsun256_ct, lsun256_edm
+
+EMAS = (0.9999, 0.99994, 0.9999432189950708)
+
+
+def test_the_official_recipes():
+    edm, cd, ct = lsun256_edm.get_config(), lsun256_cd.get_config(), lsun256_ct.get_config()
+    for c in (edm, cd, ct):
+        assert (c.model.name, c.model.model_channels, c.model.num_res_blocks) == ("adm", 256, 2)
+        assert tuple(c.model.ch_mult) == (1, 1, 2, 2, 4, 4)
+        assert (c.model.num_classes, c.model.use_scale_shift_norm) == (0, False)
+        assert (c.data.image_size, c.data.dataset, c.train.batch_size) == (256, "lsun/bedroom", 256)
+        assert tuple(c.train.ema_rates) == EMAS and c.optim.name == "radam"
+    assert (edm.method, edm.model.dropout) == ("edm", 0.1)
+    assert (cd.method, cd.optim.lr, cd.train.num_steps, cd.model.dropout) == ("cd", 1e-5, 600_000, 0.0)
+    assert (cd.schedule.kind, cd.schedule.num_scales, cd.schedule.target_ema) == ("fixed", 40, 0.95)
+    assert cd.loss.distance == "lpips" and lsun256_cd.get_config("cat_l2").loss.distance == "l2"
+    assert lsun256_cd.get_config("cat_l2").data.dataset == "lsun/cat"
+    assert (ct.method, ct.optim.lr, ct.train.num_steps) == ("ct", 5e-5, 1_000_000)
+    assert (ct.schedule.s0, ct.schedule.s1, ct.schedule.mu0) == (2, 150, 0.95)
+    for module, bad in ((lsun256_cd, "church"), (lsun256_cd, "bedroom_l1"), (lsun256_ct, "dog")):
+        with pytest.raises(ValueError, match=f"Unknown variant '{bad}'"):
+            module.get_config(bad)
+
+
+@pytest.mark.parametrize("module", [lsun256_edm, lsun256_cd, lsun256_ct])
+def test_small_variants_are_small_and_unconditional(module):
+    for variant in ("cpu", "test"):
+        config = module.get_config(variant)
+        net = models.create_model(config.model)
+        shapes = jax.eval_shape(lambda: train_state.init_params(config, net, jax.random.PRNGKey(0)))
+        assert sum(x.size for x in jax.tree.leaves(shapes)) < 1_000_000
+        assert (config.model.num_classes, config.model.use_scale_shift_norm) == (0, False)
+
+
+def test_teacher_then_cd_then_samples(tiny_shards, tmp_path):
+    teacher = lsun256_edm.get_config("test")
+    teacher.data.dir = tiny_shards
+    teacher.train.sample_every = 0
+    trainer.train_and_evaluate(teacher, str(tmp_path / "edm"))
+
+    config = lsun256_cd.get_config("test")
+    config.data.dir = tiny_shards
+    config.teacher.workdir = str(tmp_path / "edm")
+    config.train.sample_every = 0
+    trainer.train_and_evaluate(config, str(tmp_path / "cd"))
+    rows = [json.loads(line) for line in open(tmp_path / "cd" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"])
+    images, _ = Generator(str(tmp_path / "cd")).sample(3, batch_size=8)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
