@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import import_openai, runs, train_state
+from cm_jax import import_openai, models, runs, train_state
 from cm_jax.generate import Generator
 from cm_jax.models import adm
 from configs import common, imagenet64_cd, imagenet64_edm, lsun256_cd
@@ -122,6 +122,77 @@ def torch_res_block(x, emb, sd, prefix):
     return skip + h
 
 
+def torch_unet(x, timesteps, labels, sd, model, image_size):
+    """guided-diffusion's UNetModel.forward on NCHW, walking the blocks in the order that
+    `openai_state_dict` lists them (flash attention, resblock up/down without convolutions)."""
+    mc = model.model_channels
+    half = mc // 2
+    freqs = torch.exp(-np.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = F.linear(F.silu(F.linear(emb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
+                   sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    if model.num_classes:
+        emb = emb + sd["label_emb.weight"][labels]
+
+    def heads(ch):
+        return ch // model.num_head_channels
+
+    def resblock(h, prefix, resample=None):
+        x = h
+        h = F.silu(_torch_group_norm(h, sd, f"{prefix}.in_layers.0"))
+        if resample == "down":
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        elif resample == "up":
+            h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
+        h = F.conv2d(h, sd[f"{prefix}.in_layers.2.weight"], sd[f"{prefix}.in_layers.2.bias"],
+                     padding=1)
+        e = F.linear(F.silu(emb), sd[f"{prefix}.emb_layers.1.weight"],
+                     sd[f"{prefix}.emb_layers.1.bias"])[:, :, None, None]
+        if model.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = _torch_group_norm(h, sd, f"{prefix}.out_layers.0") * (1 + scale) + shift
+        else:
+            h = _torch_group_norm(h + e, sd, f"{prefix}.out_layers.0")
+        h = F.conv2d(F.silu(h), sd[f"{prefix}.out_layers.3.weight"],
+                     sd[f"{prefix}.out_layers.3.bias"], padding=1)
+        if f"{prefix}.skip_connection.weight" in sd:
+            x = F.conv2d(x, sd[f"{prefix}.skip_connection.weight"],
+                         sd[f"{prefix}.skip_connection.bias"])
+        return x + h
+
+    h = F.conv2d(x, sd["input_blocks.0.0.weight"], sd["input_blocks.0.0.bias"], padding=1)
+    hs, size, index = [h], image_size, 1
+    for level in range(len(model.ch_mult)):
+        for _ in range(model.num_res_blocks):
+            h = resblock(h, f"input_blocks.{index}.0")
+            if size in model.attn_resolutions:
+                h = torch_flash_attention(h, sd, f"input_blocks.{index}.1", heads(h.shape[1]))
+            hs.append(h)
+            index += 1
+        if level != len(model.ch_mult) - 1:
+            h = resblock(h, f"input_blocks.{index}.0", "down")
+            hs.append(h)
+            size, index = size // 2, index + 1
+    h = resblock(h, "middle_block.0")
+    h = torch_flash_attention(h, sd, "middle_block.1", heads(h.shape[1]))
+    h = resblock(h, "middle_block.2")
+    index = 0
+    for level in reversed(range(len(model.ch_mult))):
+        for i in range(model.num_res_blocks + 1):
+            h = resblock(torch.cat([h, hs.pop()], dim=1), f"output_blocks.{index}.0")
+            position = 1
+            if size in model.attn_resolutions:
+                h = torch_flash_attention(h, sd, f"output_blocks.{index}.1", heads(h.shape[1]))
+                position = 2
+            if level and i == model.num_res_blocks:
+                h = resblock(h, f"output_blocks.{index}.{position}", "up")
+                size *= 2
+            index += 1
+    h = F.silu(_torch_group_norm(h, sd, "out.0"))
+    return F.conv2d(h, sd["out.2.weight"], sd["out.2.bias"], padding=1)
+
+
 def _block_params(sd, prefix, names, model_config, qkv_layout="flash"):
     """The Flax parameters of one block, converted key by key by the importer."""
     params = {}
@@ -177,6 +248,35 @@ def test_res_block_weights_give_the_torch_block():
                                  jnp.asarray(emb.numpy()), train=False)
     np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), expected,
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config_module", [imagenet64_cd, lsun256_cd])
+def test_the_imported_network_computes_what_the_torch_unet_does(config_module):
+    """The whole network: class-conditional with scale-shift norm (ImageNet 64's kind) and
+    unconditional without (LSUN's), at toy size."""
+    config = config_module.get_config("test")
+    sd = openai_state_dict(config.model, 16, _random(7))
+    x = _random(8)((2, 3, 16, 16))
+    c_noise = np.asarray([-1.5, 0.7], np.float32)  # ¼ ln σ
+    labels = np.asarray([3, 9]) if config.model.num_classes else None
+    with torch.no_grad():
+        expected = torch_unet(torch.from_numpy(x), torch.from_numpy(1000.0 * c_noise),
+                              None if labels is None else torch.from_numpy(labels),
+                              {k: torch.from_numpy(v) for k, v in sd.items()}, config.model,
+                              16).numpy()
+    net = models.create_model(config.model)
+
+    def imported_output(layout):
+        params = import_openai.adm_params(sd, config, layout)
+        out = net.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                        jnp.asarray(c_noise), None if labels is None else jnp.asarray(labels),
+                        train=False)
+        return np.asarray(out).transpose(0, 3, 1, 2)
+
+    assert np.abs(expected).max() > 0.5  # random weights everywhere: a non-trivial output
+    np.testing.assert_allclose(imported_output("flash"), expected, rtol=1e-4, atol=2e-5)
+    # The same weights read in guided-diffusion's legacy qkv order are another network.
+    assert np.abs(imported_output("legacy") - expected).max() > 1e-2
 
 
 def test_the_paper_network_takes_every_key_of_its_state_dict():
