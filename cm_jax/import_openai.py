@@ -1,25 +1,31 @@
-"""Import a released openai/consistency_models checkpoint (PyTorch ``.pt``) as a run of this
-framework, so that sampling, editing, ``--mode=eval`` and distillation read it like any workdir:
+"""Import a released checkpoint of OpenAI's consistency-model code as a run of this framework, so
+that sampling, editing, ``--mode=eval`` and distillation read it like any workdir:
 
     python -m cm_jax.import_openai --checkpoint=cd_imagenet64_lpips.pt \\
         --config=configs/imagenet64_cd.py --workdir=workdirs/openai_cd_imagenet64_lpips
-    python -m cm_jax.import_openai --checkpoint=edm_imagenet64_ema.pt \\
-        --config=configs/imagenet64_edm.py --workdir=workdirs/openai_edm_imagenet64
+    python -m cm_jax.import_openai --checkpoint=cd-lpips/checkpoints/checkpoint_80 \\
+        --config=configs/cifar10_cd_lpips.py --workdir=workdirs/openai_cd_lpips
 
-The released files are the state dicts of guided-diffusion's ``UNetModel`` (ADM), whose module
-names ``models/adm.py`` mirrors: a Flax path ``input_blocks_1_0/in_layers_2/kernel`` is the torch
-key ``input_blocks.1.0.in_layers.2.weight``. Converting is a rename, a transpose (convolutions
-OIHW to HWIO, the attention's 1-D convolutions [O, I, 1] likewise, linear layers [out, in] to
-[in, out]) and one permutation: openai/consistency_models builds its attention blocks with
-``attention_type="flash"``, whose qkv convolution lays its output channels out as
-(q/k/v, head, channel), while ``models/adm.py`` reads guided-diffusion's legacy order (head,
-q/k/v, channel). Loading the flash weights into the legacy order gives bad samples
-(openai/consistency_models #25), so the importer reorders them; ``--qkv_layout=legacy`` takes
-guided-diffusion checkpoints as they are.
+The config's network says which release it is.
+
+- ADM (openai/consistency_models, PyTorch, ImageNet 64 and LSUN 256): the ``.pt`` files are
+  state dicts of guided-diffusion's ``UNetModel``, whose module names ``models/adm.py`` mirrors:
+  the Flax path ``input_blocks_1_0/in_layers_2/kernel`` is the torch key
+  ``input_blocks.1.0.in_layers.2.weight``. Converting is a rename, a transpose (convolutions OIHW
+  to HWIO, the attention's 1-D convolutions [O, I, 1] likewise, linear layers [out, in] to
+  [in, out]) and one permutation: openai/consistency_models builds its attention blocks with
+  ``attention_type="flash"``, whose qkv convolution lays its output channels out as
+  (q/k/v, head, channel), while ``models/adm.py`` reads guided-diffusion's legacy order (head,
+  q/k/v, channel). Loading the flash weights into the legacy order gives bad samples
+  (openai/consistency_models #25), so the importer reorders them; ``--qkv_layout=legacy`` takes
+  guided-diffusion checkpoints as they are. torch reads the ``.pt`` (imported lazily); a state
+  dict saved as ``.npz`` needs none.
+- NCSN++ (openai/consistency_models_cifar10, JAX, CIFAR-10): the files are the Flax ``to_bytes``
+  of the training state; ``models/ncsnpp.py`` creates its modules in the reference's order, so
+  the state's ``params_ema`` (``--field``) is the parameter tree as it is.
 
 The imported run holds the weights as θ and as every evaluation EMA, at step 0 (the released
-files are the EMA weights). torch is needed only to read the ``.pt`` and is imported lazily; a
-state dict saved as ``.npz`` needs none.
+files are EMA weights).
 """
 import hashlib
 import json
@@ -91,42 +97,89 @@ def to_flax(tensor, flax_path, model_config, qkv_layout):
 
 
 def adm_params(state_dict, config, qkv_layout="flash"):
-    """The ADM parameters of ``config.model`` from a guided-diffusion state dict. Every Flax
-    parameter must find its key with the right shape, and every key must be used: a mismatch
-    (another network size, learn_sigma's six output channels, another attention layout of the
-    config) is one error naming the keys."""
+    """The ADM parameters of ``config.model`` from a guided-diffusion state dict (see
+    `_assemble` for what must fit)."""
     if config.model.name != "adm":
-        raise CheckpointImportError(f"config.model.name={config.model.name!r}: the released "
-                           "openai/consistency_models checkpoints are ADM networks")
+        raise CheckpointImportError(f"config.model.name={config.model.name!r}: the PyTorch "
+                                    "releases of openai/consistency_models are ADM networks")
     if qkv_layout not in QKV_LAYOUTS:
         raise CheckpointImportError(f"qkv_layout={qkv_layout!r}: use one of {QKV_LAYOUTS}")
+    return _assemble(config, state_dict, torch_key,
+                     lambda tensor, path: to_flax(tensor, path, config.model, qkv_layout))
+
+
+def read_jcm_checkpoint(path):
+    """The state dict of an openai/consistency_models_cifar10 checkpoint: the Flax
+    ``to_bytes`` of its training state (``checkpoint_80`` and the like)."""
+    from flax import serialization  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isfile(path):
+        raise CheckpointImportError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        state = serialization.msgpack_restore(data)
+    except Exception as e:  # msgpack raises several types for foreign bytes
+        raise CheckpointImportError(f"{path!r} is not a Flax checkpoint (msgpack): {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointImportError(f"{path!r} holds a {type(state).__name__}, not a state")
+    return state
+
+
+def ncsnpp_params(state, config, field="params_ema"):
+    """The NCSN++ parameters of ``config.model`` from the ``field`` of a restored
+    openai/consistency_models_cifar10 state: its NCSNpp has the parameter paths of
+    ``models/ncsnpp.py``, so this is a copy once every path and shape fits (`_assemble`)."""
+    if config.model.name != "ncsnpp":
+        raise CheckpointImportError(f"config.model.name={config.model.name!r}: the JAX "
+                                    "releases of openai/consistency_models_cifar10 are NCSN++ "
+                                    "networks")
+    if not isinstance(state.get(field), dict):
+        raise CheckpointImportError(f"the checkpoint has no parameter tree {field!r}; its "
+                                    f"fields are {sorted(state)}")
+    flat = {"/".join(path): leaf for path, leaf in _flatten(state[field])}
+    return _assemble(config, flat, "/".join, lambda array, path: array)
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _assemble(config, source, name_of, convert):
+    """config.model's parameter tree, each leaf ``convert(source[name_of(path)], path)``. Every
+    parameter must find its entry with the right shape, and every entry must be used: a
+    mismatch (another network size, learn_sigma's six output channels, another attention
+    layout) is one error naming the entries."""
     net = models.create_model(config.model)
     expected = jax.eval_shape(lambda: init_params(config, net, jax.random.PRNGKey(0)))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
-    params, missing, wrong = [], [], []
+    params, missing, wrong, names = [], [], [], set()
     for path, shape in leaves:
         flax_path = tuple(entry.key for entry in path)
-        key = torch_key(flax_path)
-        if key not in state_dict:
-            missing.append(key)
+        name = name_of(flax_path)
+        names.add(name)
+        if name not in source:
+            missing.append(name)
             params.append(None)
             continue
-        value = to_flax(np.asarray(state_dict[key], np.float32), flax_path, config.model,
-                        qkv_layout)
+        value = convert(np.asarray(source[name], np.float32), flax_path)
         if value.shape != shape.shape:
-            wrong.append(f"{key}: {tuple(state_dict[key].shape)} gives {value.shape}, "
+            wrong.append(f"{name}: {tuple(np.shape(source[name]))} gives {value.shape}, "
                          f"the network has {shape.shape}")
         params.append(value)
-    used = {torch_key(tuple(e.key for e in path)) for path, _ in leaves}
-    unused = sorted(set(state_dict) - used)
+    unused = sorted(set(source) - names)
     if missing or wrong or unused:
         problems = ([f"missing {k}" for k in missing[:5]] + wrong[:5]
                     + [f"unused {k}" for k in unused[:5]])
         raise CheckpointImportError(
-            f"the checkpoint does not fit config.model ({len(missing)} keys missing, "
+            f"the checkpoint does not fit config.model ({len(missing)} entries missing, "
             f"{len(wrong)} of another shape, {len(unused)} unused): " + "; ".join(problems)
-            + ". Give the config the checkpoint was trained with (configs/imagenet64_*.py for "
-            "the ImageNet-64 releases).")
+            + ". Give the config the checkpoint was trained with (configs/imagenet64_*.py or "
+            "lsun256_*.py for the PyTorch releases, configs/cifar10_*.py for the JAX ones).")
     return jax.tree_util.tree_unflatten(treedef, params)
 
 
@@ -152,20 +205,26 @@ def write_run(config, params, workdir, source):
         json.dump(source, f, indent=2)
 
 
-def import_checkpoint(path, config, workdir, qkv_layout="flash"):
-    """Read, convert and write: the whole command."""
-    state_dict = read_state_dict(path)
-    params = adm_params(state_dict, config, qkv_layout)
+def import_checkpoint(path, config, workdir, qkv_layout="flash", field="params_ema"):
+    """Read, convert and write: the whole command. The network decides the format: ADM
+    checkpoints are PyTorch state dicts, NCSN++ ones Flax states."""
+    if config.model.name == "ncsnpp":
+        params = ncsnpp_params(read_jcm_checkpoint(path), config, field)
+        source = {"field": field}
+    else:
+        params = adm_params(read_state_dict(path), config, qkv_layout)
+        source = {"qkv_layout": qkv_layout}
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    write_run(config, params, workdir, {"checkpoint": os.path.abspath(path), "sha256": digest,
-                                        "qkv_layout": qkv_layout})
+    write_run(config, params, workdir,
+              {"checkpoint": os.path.abspath(path), "sha256": digest, **source})
 
 
 def main(argv):
     del argv
     try:
-        import_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.qkv_layout)
+        import_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.qkv_layout,
+                          FLAGS.field)
     except CheckpointImportError as e:
         raise SystemExit(f"import_openai: {e}") from None
     print(f"imported {FLAGS.checkpoint} into {FLAGS.workdir}")
@@ -183,6 +242,8 @@ if __name__ == "__main__":
         "--config.x=y overrides.", lock_config=True)
     flags.DEFINE_string("workdir", None, "An empty folder for the imported run.", required=True)
     flags.DEFINE_enum("qkv_layout", "flash", QKV_LAYOUTS,
-                      "flash: openai/consistency_models; legacy: guided-diffusion.")
+                      "ADM: flash for openai/consistency_models, legacy for guided-diffusion.")
+    flags.DEFINE_string("field", "params_ema",
+                        "NCSN++: the parameter tree of the Flax state to import.")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -8,6 +8,7 @@ flash attention's qkv channels as (q|k|v, head, channel), which the released fil
 """
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from cm_jax import import_openai, models, runs, train_state
 from cm_jax.generate import Generator
 from cm_jax.models import adm
-from configs import common, imagenet64_cd, imagenet64_edm, lsun256_cd
+from configs import cifar10_cd_lpips, common, imagenet64_cd, imagenet64_edm, lsun256_cd
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -301,7 +302,7 @@ def test_a_checkpoint_of_another_network_is_one_clear_error():
         import_openai.adm_params({k: v for k, v in sd.items()} | {"middle_block.9.weight":
                                                                   np.zeros(3, np.float32)}, config)
     del sd["out.2.bias"]
-    with pytest.raises(import_openai.CheckpointImportError, match="1 keys missing.*out.2.bias"):
+    with pytest.raises(import_openai.CheckpointImportError, match="1 entries missing.*out.2.bias"):
         import_openai.adm_params(sd, config)
     sd = openai_state_dict(config.model, 16, _random(5))
     sd["out.2.weight"] = np.zeros((6, 64, 3, 3), np.float32)  # learn_sigma's six channels
@@ -327,3 +328,48 @@ def test_an_imported_checkpoint_is_a_run(tmp_path):
     assert images.shape == (2, 16, 16, 3)
     with pytest.raises(import_openai.CheckpointImportError, match="already holds a run"):
         import_openai.import_checkpoint(str(path), config, str(workdir))
+
+
+# --------------------------------------------------------------------------- JAX CIFAR-10 releases
+def _jcm_checkpoint(path, config, seed):
+    """A file in the released format: the Flax bytes of a state whose fields hold parameter
+    trees of the network (θ, θ⁻ and the EMA that samples), plus the loop's scalars."""
+    from flax import serialization
+
+    net = models.create_model(config.model)
+    shapes = jax.eval_shape(lambda: train_state.init_params(config, net, jax.random.PRNGKey(0)))
+    draw = _random(seed)
+    trees = [jax.tree.map(lambda s: draw(s.shape), shapes) for _ in range(2)]
+    state = {"step": np.int32(800_000), "lr": np.float32(4e-4), "ema_rate": np.float32(0.9999),
+             "params": trees[0], "target_params": trees[0], "params_ema": trees[1],
+             "model_state": {}, "opt_state": {"mu": trees[0]}, "rng_state": np.arange(2)}
+    path.write_bytes(serialization.msgpack_serialize(state))
+    return trees[1]
+
+
+def test_a_jax_cifar10_release_imports_its_ema(tmp_path):
+    config = cifar10_cd_lpips.get_config("test")
+    ema = _jcm_checkpoint(tmp_path / "checkpoint_80", config, seed=11)
+    import_openai.import_checkpoint(str(tmp_path / "checkpoint_80"), config,
+                                    str(tmp_path / "run"))
+    _, _, state = runs.restore_run(str(tmp_path / "run"), train_state.create_mesh())
+    restored = state.ema_params[train_state.ema_key(config.train.ema_rates[0])]
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ema), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    images, _ = Generator(str(tmp_path / "run")).sample(2, batch_size=2)
+    assert images.shape == (2, 16, 16, 3)
+
+
+def test_a_jax_release_that_does_not_fit_is_one_clear_error(tmp_path):
+    config = cifar10_cd_lpips.get_config("test")
+    _jcm_checkpoint(tmp_path / "checkpoint_80", config, seed=12)
+    state = import_openai.read_jcm_checkpoint(str(tmp_path / "checkpoint_80"))
+    other = cifar10_cd_lpips.get_config("test")
+    other.model.nf = 16
+    with pytest.raises(import_openai.CheckpointImportError, match="of another shape.*AttnBlockpp_0"):
+        import_openai.ncsnpp_params(state, other)
+    with pytest.raises(import_openai.CheckpointImportError, match="no parameter tree 'ema'"):
+        import_openai.ncsnpp_params(state, config, field="ema")
+    (tmp_path / "junk").write_bytes(b"\x00not msgpack")
+    with pytest.raises(import_openai.CheckpointImportError, match="not a Flax checkpoint"):
+        import_openai.read_jcm_checkpoint(str(tmp_path / "junk"))
