@@ -3,7 +3,7 @@ that sampling, editing, ``--mode=eval`` and distillation read it like any workdi
 
     python -m cm_jax.import_openai --checkpoint=cd_imagenet64_lpips.pt \\
         --config=configs/imagenet64_cd.py --workdir=workdirs/openai_cd_imagenet64_lpips
-    python -m cm_jax.import_openai --checkpoint=cd-lpips/checkpoints/checkpoint_80 \\
+    python -m cm_jax.import_openai --checkpoint=path/to/cd-lpips/checkpoint_80 \\
         --config=configs/cifar10_cd_lpips.py --workdir=workdirs/openai_cd_lpips
 
 The config's network says which release it is.
