@@ -17,81 +17,13 @@ from cm_jax import import_openai, models, runs, train_state
 from cm_jax.generate import Generator
 from cm_jax.models import adm
 from configs import cifar10_cd_lpips, common, imagenet64_cd, imagenet64_edm, lsun256_cd
+from guided_diffusion_keys import openai_state_dict, random_arrays
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 
 # --------------------------------------------------------------------------- the reference
-def openai_state_dict(model, image_size, make):
-    """{key: make(shape)} for every parameter of guided-diffusion's UNetModel with these
-    hyperparameters (learn_sigma off, resblock_updown, 1x1 skip convolutions)."""
-    mc, emb = model.model_channels, 4 * model.model_channels
-    sd = {}
-
-    def add(key, *shape):
-        sd[key] = make(shape)
-
-    def resblock(prefix, cin, cout):
-        add(f"{prefix}.in_layers.0.weight", cin), add(f"{prefix}.in_layers.0.bias", cin)
-        add(f"{prefix}.in_layers.2.weight", cout, cin, 3, 3), add(f"{prefix}.in_layers.2.bias", cout)
-        film = 2 * cout if model.use_scale_shift_norm else cout
-        add(f"{prefix}.emb_layers.1.weight", film, emb), add(f"{prefix}.emb_layers.1.bias", film)
-        add(f"{prefix}.out_layers.0.weight", cout), add(f"{prefix}.out_layers.0.bias", cout)
-        add(f"{prefix}.out_layers.3.weight", cout, cout, 3, 3)
-        add(f"{prefix}.out_layers.3.bias", cout)
-        if cin != cout:
-            add(f"{prefix}.skip_connection.weight", cout, cin, 1, 1)
-            add(f"{prefix}.skip_connection.bias", cout)
-
-    def attention(prefix, ch):
-        add(f"{prefix}.norm.weight", ch), add(f"{prefix}.norm.bias", ch)
-        add(f"{prefix}.qkv.weight", 3 * ch, ch, 1), add(f"{prefix}.qkv.bias", 3 * ch)
-        add(f"{prefix}.proj_out.weight", ch, ch, 1), add(f"{prefix}.proj_out.bias", ch)
-
-    add("time_embed.0.weight", emb, mc), add("time_embed.0.bias", emb)
-    add("time_embed.2.weight", emb, emb), add("time_embed.2.bias", emb)
-    if model.num_classes:
-        add("label_emb.weight", model.num_classes, emb)
-    ch = mc * model.ch_mult[0]
-    add("input_blocks.0.0.weight", ch, 3, 3, 3), add("input_blocks.0.0.bias", ch)
-    chans, size, index = [ch], image_size, 1
-    for level, mult in enumerate(model.ch_mult):
-        for _ in range(model.num_res_blocks):
-            resblock(f"input_blocks.{index}.0", ch, mc * mult)
-            ch = mc * mult
-            if size in model.attn_resolutions:
-                attention(f"input_blocks.{index}.1", ch)
-            chans.append(ch)
-            index += 1
-        if level != len(model.ch_mult) - 1:
-            resblock(f"input_blocks.{index}.0", ch, ch)
-            chans.append(ch)
-            size, index = size // 2, index + 1
-    resblock("middle_block.0", ch, ch), attention("middle_block.1", ch)
-    resblock("middle_block.2", ch, ch)
-    index = 0
-    for level, mult in reversed(list(enumerate(model.ch_mult))):
-        for i in range(model.num_res_blocks + 1):
-            resblock(f"output_blocks.{index}.0", ch + chans.pop(), mc * mult)
-            ch, position = mc * mult, 1
-            if size in model.attn_resolutions:
-                attention(f"output_blocks.{index}.1", ch)
-                position = 2
-            if level and i == model.num_res_blocks:
-                resblock(f"output_blocks.{index}.{position}", ch, ch)
-                size *= 2
-            index += 1
-    add("out.0.weight", ch), add("out.0.bias", ch)
-    add("out.2.weight", 3, ch, 3, 3), add("out.2.bias", 3)
-    return sd
-
-
-def _random(seed):
-    rng = np.random.default_rng(seed)
-    return lambda shape: (0.2 * rng.standard_normal(shape)).astype(np.float32)
-
-
 def _torch_group_norm(x, sd, prefix):
     return F.group_norm(x, 32, sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], eps=1e-5)
 
@@ -218,9 +150,9 @@ def test_torch_keys_follow_the_state_dict_names():
 
 def test_flash_attention_weights_give_the_flash_block():
     model = common.tiny_adm()  # 32-channel heads
-    sd = {k: torch.from_numpy(v) for k, v in openai_state_dict(model, 16, _random(0)).items()
+    sd = {k: torch.from_numpy(v) for k, v in openai_state_dict(model, 16, random_arrays(0)).items()
           if k.startswith("middle_block.1.")}
-    x = torch.from_numpy(_random(1)((2, 64, 4, 4)))
+    x = torch.from_numpy(random_arrays(1)((2, 64, 4, 4)))
     expected = torch_flash_attention(x, sd, "middle_block.1", heads=2).numpy()
     names = {"norm": ("scale", "bias"), "qkv": ("kernel", "bias"), "proj_out": ("kernel", "bias")}
     sd_np = {k: v.numpy() for k, v in sd.items()}
@@ -235,11 +167,11 @@ def test_flash_attention_weights_give_the_flash_block():
 
 def test_res_block_weights_give_the_torch_block():
     model = common.tiny_adm()
-    sd = openai_state_dict(model, 16, _random(2))
+    sd = openai_state_dict(model, 16, random_arrays(2))
     prefix = "input_blocks.3.0"  # 32 -> 64 channels: a 1x1 skip convolution
     sd = {k: torch.from_numpy(v) for k, v in sd.items() if k.startswith(prefix + ".")}
-    x = torch.from_numpy(_random(3)((2, 32, 8, 8)))
-    emb = torch.from_numpy(_random(4)((2, 128)))
+    x = torch.from_numpy(random_arrays(3)((2, 32, 8, 8)))
+    emb = torch.from_numpy(random_arrays(4)((2, 128)))
     expected = torch_res_block(x, emb, sd, prefix).numpy()
     names = {n: ("scale", "bias") for n in ("in_layers_0", "out_layers_0")}
     names.update({n: ("kernel", "bias") for n in ("in_layers_2", "emb_layers_1", "out_layers_3",
@@ -256,8 +188,8 @@ def test_the_imported_network_computes_what_the_torch_unet_does(config_module):
     """The whole network: class-conditional with scale-shift norm (ImageNet 64's kind) and
     unconditional without (LSUN's), at toy size."""
     config = config_module.get_config("test")
-    sd = openai_state_dict(config.model, 16, _random(7))
-    x = _random(8)((2, 3, 16, 16))
+    sd = openai_state_dict(config.model, 16, random_arrays(7))
+    x = random_arrays(8)((2, 3, 16, 16))
     c_noise = np.asarray([-1.5, 0.7], np.float32)  # ¼ ln σ
     labels = np.asarray([3, 9]) if config.model.num_classes else None
     with torch.no_grad():
@@ -297,14 +229,14 @@ def test_the_lsun_network_takes_every_key_of_its_state_dict():
 
 def test_a_checkpoint_of_another_network_is_one_clear_error():
     config = imagenet64_edm.get_config("test")
-    sd = openai_state_dict(config.model, 16, _random(5))
+    sd = openai_state_dict(config.model, 16, random_arrays(5))
     with pytest.raises(import_openai.CheckpointImportError, match="unused middle_block"):
         import_openai.adm_params({k: v for k, v in sd.items()} | {"middle_block.9.weight":
                                                                   np.zeros(3, np.float32)}, config)
     del sd["out.2.bias"]
     with pytest.raises(import_openai.CheckpointImportError, match="1 entries missing.*out.2.bias"):
         import_openai.adm_params(sd, config)
-    sd = openai_state_dict(config.model, 16, _random(5))
+    sd = openai_state_dict(config.model, 16, random_arrays(5))
     sd["out.2.weight"] = np.zeros((6, 64, 3, 3), np.float32)  # learn_sigma's six channels
     with pytest.raises(import_openai.CheckpointImportError, match="out.2.weight"):
         import_openai.adm_params(sd, config)
@@ -312,7 +244,7 @@ def test_a_checkpoint_of_another_network_is_one_clear_error():
 
 def test_an_imported_checkpoint_is_a_run(tmp_path):
     config = imagenet64_cd.get_config("test")
-    sd = openai_state_dict(config.model, 16, _random(6))
+    sd = openai_state_dict(config.model, 16, random_arrays(6))
     path = tmp_path / "cd_test.pt"
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
     workdir = tmp_path / "run"
@@ -338,7 +270,7 @@ def _jcm_checkpoint(path, config, seed):
 
     net = models.create_model(config.model)
     shapes = jax.eval_shape(lambda: train_state.init_params(config, net, jax.random.PRNGKey(0)))
-    draw = _random(seed)
+    draw = random_arrays(seed)
     trees = [jax.tree.map(lambda s: draw(s.shape), shapes) for _ in range(2)]
     state = {"step": np.int32(800_000), "lr": np.float32(4e-4), "ema_rate": np.float32(0.9999),
              "params": trees[0], "target_params": trees[0], "params_ema": trees[1],

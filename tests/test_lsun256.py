@@ -1,14 +1,16 @@
 """The LSUN-256 recipes (openai/consistency_models `scripts/launch.sh`) on the unconditional ADM:
-their values, and teacher → CD → samples at toy size without classes or scale-shift norm."""
+their values, and CD from an imported teacher → samples at toy size, without classes or
+scale-shift norm."""
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from cm_jax import models, train_state, trainer
+from cm_jax import import_openai, models, train_state, trainer
 from cm_jax.generate import Generator
 from configs import lsun256_cd, lsun256_ct, lsun256_edm
+from guided_diffusion_keys import openai_state_dict, random_arrays
 
 EMAS = (0.9999, 0.99994, 0.9999432189950708)
 
@@ -43,11 +45,14 @@ def test_small_variants_are_small_and_unconditional(module):
         assert (config.model.num_classes, config.model.use_scale_shift_norm) == (0, False)
 
 
-def test_teacher_then_cd_then_samples(tiny_shards, tmp_path):
+def test_cd_from_an_imported_release_teacher_then_samples(tiny_shards, tmp_path):
+    """The released LSUN teachers are PyTorch files: one in that format (an npz of the state
+    dict, so no torch is needed) becomes the teacher run that CD distils."""
     teacher = lsun256_edm.get_config("test")
-    teacher.data.dir = tiny_shards
-    teacher.train.sample_every = 0
-    trainer.train_and_evaluate(teacher, str(tmp_path / "edm"))
+    state_dict = openai_state_dict(teacher.model, 16, random_arrays(0))
+    np.savez(tmp_path / "edm_test256_ema.npz", **state_dict)
+    import_openai.import_checkpoint(str(tmp_path / "edm_test256_ema.npz"), teacher,
+                                    str(tmp_path / "edm"))
 
     config = lsun256_cd.get_config("test")
     config.data.dir = tiny_shards
