@@ -315,14 +315,46 @@ def imagenet64_config(method):
 LSUN256_EMA_RATES = (0.9999, 0.99994, 0.9999432189950708)
 
 
+LSUN_CATEGORIES = ("bedroom", "cat")
+
+
+def split_lsun_variant(variant, name, metrics=("",)):
+    """(category, metric, small variant or None) of an LSUN config's variant: `bedroom` (the
+    default) or `cat`, with `_<metric>` for the metrics given, or the small `cpu` / `test`."""
+    if variant in ("cpu", "test"):
+        return "bedroom", "", variant
+    category, _, metric = (variant or "bedroom").partition("_")
+    if category not in LSUN_CATEGORIES or metric not in metrics:
+        options = [f"{c}_{m}" if m else c for c in LSUN_CATEGORIES for m in metrics]
+        raise ValueError(f"Unknown variant {variant!r} of {name}: use {', '.join(options)}, "
+                         "cpu or test.")
+    return category, metric, None
+
+
+def apply_adm_teacher_recipe(c, small):
+    """openai/consistency_models' EDM teacher on ADM: dropout 0.1, RAdam 1e-4 at a constant
+    rate, lognormal σ (P_mean −1.2, P_std 1.2) with the EDM weighting, Heun with 40 steps for
+    the grids, 600k steps; the small variants train faster and sample with fewer steps. Call
+    after the small variant's network is in place."""
+    if not small:
+        c.model.dropout = 0.1
+    c.optim.update(name="radam", lr=1e-3 if small == "cpu" else 1e-4, warmup_steps=0,
+                   grad_clip=0.0)
+    steps = {"cpu": 18, "test": 3}.get(small, 40)
+    c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=steps)
+    c.sample.edm_steps = steps
+    c.train.num_steps = c.train.num_steps if small else 600_000
+    return c
+
+
 def lsun256_config(method, category):
     """The LSUN-256 settings every recipe shares: the unconditional ADM at 256×256 with random
     flips, σ ∈ [0.002, 80], batch 256, and the official runs' three evaluation EMAs. The data:
     256×256 centre crops of one LSUN category (guided-diffusion's `datasets/lsun_bedroom.py`
     makes them) as npz shards or an image folder in `data.dir`; tfds `lsun/<category>` holds
     the original sizes, which the loader refuses."""
-    if category not in ("bedroom", "cat"):
-        raise ValueError(f"LSUN category {category!r}: the releases are bedroom and cat.")
+    if category not in LSUN_CATEGORIES:
+        raise ValueError(f"LSUN category {category!r}: the releases are {LSUN_CATEGORIES}.")
     c = base_config()
     c.method = method
     c.model = adm_lsun256()

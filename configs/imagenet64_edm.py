@@ -16,15 +16,6 @@ from configs import common
 
 def get_config(variant=None):
     c = common.imagenet64_config("edm")
-    c.model.dropout = 0.1
-    c.optim.update(name="radam", lr=1e-4, warmup_steps=0, grad_clip=0.0)
-    c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=40)
-    c.sample.edm_steps = 40
-    c.train.update(batch_size=4096, num_steps=600_000)
+    c.train.batch_size = 4096
     common.apply_small_adm_variant(c, variant, "imagenet64_edm")
-    if variant == "cpu":
-        c.optim.lr = 1e-3
-        c.edm.sample_steps = c.sample.edm_steps = 18
-    elif variant == "test":
-        c.edm.sample_steps = 3
-    return c
+    return common.apply_adm_teacher_recipe(c, variant)

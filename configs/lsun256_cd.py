@@ -18,11 +18,7 @@ from configs import common
 
 
 def get_config(variant=None):
-    small = variant in ("cpu", "test")
-    category, _, metric = ("bedroom" if small else (variant or "bedroom")).partition("_")
-    if category not in ("bedroom", "cat") or metric not in ("", "l2"):
-        raise ValueError(f"Unknown variant {variant!r} of lsun256_cd: use bedroom, cat, "
-                         "bedroom_l2, cat_l2, cpu or test.")
+    category, metric, small = common.split_lsun_variant(variant, "lsun256_cd", ("", "l2"))
     c = common.lsun256_config("cd", category)
     c.loss.update(distance="l2" if (metric or small) else "lpips", weighting="uniform",
                   index_sampling="uniform")
@@ -31,7 +27,7 @@ def get_config(variant=None):
     c.train.num_steps = 600_000
     c.teacher.update(solver="heun", init_student=True)
     c.sample.num_scales = c.search.num_scales = 40
-    common.apply_small_lsun_variant(c, variant if small else None, "lsun256_cd")
+    common.apply_small_lsun_variant(c, small, "lsun256_cd")
     if variant == "cpu":
         c.optim.lr = 2e-4  # A tiny model in 300 steps; 1e-5 is for 600k steps of 256.
     return c

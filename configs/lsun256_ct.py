@@ -13,11 +13,7 @@ from configs import common
 
 
 def get_config(variant=None):
-    small = variant in ("cpu", "test")
-    category = "bedroom" if small or variant is None else variant
-    if category not in ("bedroom", "cat"):
-        raise ValueError(f"Unknown variant {variant!r} of lsun256_ct: use bedroom, cat, cpu "
-                         "or test.")
+    category, _, small = common.split_lsun_variant(variant, "lsun256_ct")
     c = common.lsun256_config("ct", category)
     c.loss.update(distance="l2" if small else "lpips", weighting="uniform",
                   index_sampling="uniform")
@@ -25,5 +21,5 @@ def get_config(variant=None):
     c.optim.update(name="radam", lr=5e-5, warmup_steps=0, grad_clip=0.0)
     c.train.num_steps = 1_000_000
     c.sample.num_scales = c.search.num_scales = 151
-    common.apply_small_lsun_variant(c, variant if small else None, "lsun256_ct")
+    common.apply_small_lsun_variant(c, small, "lsun256_ct")
     return c

@@ -13,21 +13,7 @@ from configs import common
 
 
 def get_config(variant=None):
-    small = variant in ("cpu", "test")
-    category = "bedroom" if small or variant is None else variant
-    if category not in ("bedroom", "cat"):
-        raise ValueError(f"Unknown variant {variant!r} of lsun256_edm: use bedroom, cat, cpu "
-                         "or test.")
+    category, _, small = common.split_lsun_variant(variant, "lsun256_edm")
     c = common.lsun256_config("edm", category)
-    c.model.dropout = 0.1
-    c.optim.update(name="radam", lr=1e-4, warmup_steps=0, grad_clip=0.0)
-    c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=40)
-    c.sample.edm_steps = 40
-    c.train.num_steps = 600_000
-    common.apply_small_lsun_variant(c, variant if small else None, "lsun256_edm")
-    if variant == "cpu":
-        c.optim.lr = 1e-3
-        c.edm.sample_steps = c.sample.edm_steps = 18
-    elif variant == "test":
-        c.edm.sample_steps = 3
-    return c
+    common.apply_small_lsun_variant(c, small, "lsun256_edm")
+    return common.apply_adm_teacher_recipe(c, small)
