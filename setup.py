@@ -29,6 +29,6 @@ setup(
             "tensorboard",
             "importlib_resources",
         ],
-        "test": ["pytest"],
+        "test": ["pytest", "pytest-xdist"],
     },
 )

@@ -20,6 +20,9 @@
 #          stage p3 (train shard 0); short real run through launch.py: EDM teacher, CD from it,
 #          one-step FID of the student and Heun-18 FID of the teacher (issue 5)
 #          -> $OUT/step3.log, real_run.jsonl, edm_train.jsonl, cd_train.jsonl
+#   step4  carry [".whl"]  timeout_s 540
+#          train throughput of the recipes not timed yet: pd, sct, scd (batch 512), ect (128)
+#          -> $OUT/step4.log, train_throughput.jsonl
 #   stage  carry [".device/pN"]  re-stage one part only (after the machine was replaced)
 #
 # Every step first stages whatever part it carries (idempotent), so a step that finds an earlier
@@ -73,10 +76,11 @@ unpack() {  # unpack NAME... : stage what this call carries; fail unless NAMEs a
   "$PY" benchmarks/device_kit.py unpack --parts "$PARTS" --stage "$STAGE" --require "$@"
 }
 
-install_ml_collections() {
+install_ml_collections() {  # from the stage, or from .whl/ where a call carries that instead
   "$PY" -c "import ml_collections" 2>/dev/null && return 0
-  "$PY" -m pip install -q --no-index --no-deps --target "$HOME/site" \
-    "$FILES"/ml_collections-1.1.0-py3-none-any.whl
+  local wheel="$FILES"/ml_collections-1.1.0-py3-none-any.whl
+  [ -f "$wheel" ] || wheel=.whl/ml_collections-1.1.0-py3-none-any.whl
+  "$PY" -m pip install -q --no-index --no-deps --target "$HOME/site" "$wheel"
 }
 
 set_flags() {  # set_flags PREFIX SETTING... -> PREFIXkey=value words in FLAGS
@@ -202,15 +206,31 @@ step3() {
   log "step3 done"
 }
 
+# ------------------------------------------------------------------------------- step 4
+step4() {  # the train steps not timed yet: PD, sCT, sCD at batch 512 and ECT at 128
+  install_ml_collections || return 3
+  command -v nvidia-smi >/dev/null && nvidia-smi -L
+  local batch=$TRAIN_BATCH ect_batch=128
+  [ "$TINY" = 1 ] && ect_batch=$TRAIN_BATCH
+  log "train throughput: pd, sct, scd"
+  timeout 330 "$PY" benchmarks/train_throughput.py "${TINY_FLAG[@]}" --recipes pd,sct,scd \
+    --dtypes "$DTYPE" --batch "$batch" --steps 8 --warmup 2 --out "$OUT/train_throughput.jsonl"
+  log "train throughput: ect"
+  timeout 150 "$PY" benchmarks/train_throughput.py "${TINY_FLAG[@]}" --recipes ect \
+    --dtypes "$DTYPE" --batch "$ect_batch" --steps 8 --warmup 2 \
+    --out "$OUT/train_throughput.jsonl"
+  log "step4 done"
+}
+
 stage() {
   unpack || return 3
 }
 
 main() {
-  local step=${1:?usage: device_checks.sh step1|step2|step3 [EDM_STEPS CD_STEPS N]|stage}
+  local step=${1:?usage: device_checks.sh step1|step2|step3 [EDM_STEPS CD_STEPS N]|step4|stage}
   shift
   case $step in
-    step1|step2|step3|stage) ;;
+    step1|step2|step3|step4|stage) ;;
     *) echo "unknown step $step" >&2; return 2 ;;
   esac
   log "$step on $(uname -n), stage $STAGE, out $OUT"

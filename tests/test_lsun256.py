@@ -1,12 +1,10 @@
 """The LSUN-256 recipes (openai/consistency_models `scripts/launch.sh`) on the unconditional ADM:
-their values, and CD from an imported teacher → samples at toy size, without classes or
-scale-shift norm."""
-import json
-
+their values, and an imported release-format teacher that samples and starts CD, at toy size
+and without classes or scale-shift norm."""
 import numpy as np
 import pytest
 
-from cm_jax import import_openai, trainer
+from cm_jax import import_openai, models, train_state, trainer
 from cm_jax.generate import Generator
 from configs import lsun256_cd, lsun256_ct, lsun256_edm
 from guided_diffusion_keys import openai_state_dict, random_arrays
@@ -43,21 +41,22 @@ def test_small_variants_are_small_and_unconditional(module):
         assert (config.model.num_classes, config.model.use_scale_shift_norm) == (0, False)
 
 
-def test_cd_from_an_imported_release_teacher_then_samples(tiny_shards, tmp_path):
+def test_an_imported_release_teacher_samples_and_starts_cd(tmp_path):
     """The released LSUN teachers are PyTorch files: one in that format (an npz of the state
-    dict, so no torch is needed) becomes the teacher run that CD distils."""
+    dict, so no torch is needed) becomes a run that samples with Heun, and that CD loads as its
+    frozen teacher and starting point. (CD's step on ADM trains in test_imagenet64.)"""
     teacher = lsun256_edm.get_config("test")
     state_dict = openai_state_dict(teacher.model, 16, random_arrays(0))
     np.savez(tmp_path / "edm_test256_ema.npz", **state_dict)
     import_openai.import_checkpoint(str(tmp_path / "edm_test256_ema.npz"), teacher,
                                     str(tmp_path / "edm"))
+    images, labels = Generator(str(tmp_path / "edm")).sample(2, batch_size=2)
+    assert images.shape == (2, 16, 16, 3) and labels is None
 
     config = lsun256_cd.get_config("test")
-    config.data.dir = tiny_shards
     config.teacher.workdir = str(tmp_path / "edm")
-    config.train.sample_every = 0
-    trainer.train_and_evaluate(config, str(tmp_path / "cd"))
-    rows = [json.loads(line) for line in open(tmp_path / "cd" / "metrics.jsonl")]
-    assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"])
-    images, _ = Generator(str(tmp_path / "cd")).sample(3, batch_size=8)
-    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    mesh = train_state.create_mesh()
+    _, frozen = trainer.load_frozen_networks(config, mesh)
+    start = trainer.initial_student(config, models.create_model(config.model), frozen)
+    kernel = np.asarray(start["input_blocks_0_0"]["kernel"])
+    np.testing.assert_array_equal(kernel, state_dict["input_blocks.0.0.weight"].transpose(2, 3, 1, 0))

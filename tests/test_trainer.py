@@ -197,17 +197,18 @@ def test_each_microbatch_sees_every_kth_row_with_its_own_key():
 
 
 def test_microbatched_step_agrees_on_eight_devices_and_one():
-    config = cifar10_ict.get_config("test")  # dropout, lognormal pairs, pseudo-Huber
+    config = cifar10_ict.get_config("test")  # lognormal pairs, pseudo-Huber
     config.train.microbatches = 2
-    state8, metrics8 = _run(config, jax.devices())
-    state1, metrics1 = _run(config, jax.devices()[:1])
+    net = TinyNet()  # What is checked is the slicing of a sharded batch, not the network.
+    state8, metrics8 = _run(config, jax.devices(), net=net)
+    state1, metrics1 = _run(config, jax.devices()[:1], net=net)
     for m8, m1 in zip(metrics8, metrics1):
         assert m8["loss"] == pytest.approx(m1["loss"], rel=1e-5)
     _assert_trees_close(state8.params, state1.params, rtol=1e-5, atol=1e-6)
 
 
 def _step_temp_bytes(config):
-    mesh, net, tx, lr, state = _setup(config, jax.devices()[:1])
+    mesh, net, tx, lr, state = _setup(config, jax.devices()[:1], TinyNet())
     step_fn = trainer.make_train_step(config, net, tx, lr, mesh)
     batch = _batches(config, mesh, 1)[0]
     return step_fn.lower(state, batch, None).compile().memory_analysis().temp_size_in_bytes
