@@ -53,11 +53,19 @@ def read_state_dict(path):
     if path.endswith(".npz"):
         with np.load(path) as f:
             return {key: f[key].astype(np.float32) for key in f.files}
-    import torch  # pylint: disable=import-outside-toplevel  # Only .pt files need it.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        import torch  # pylint: disable=import-outside-toplevel  # Only .pt files need it.
+    except ImportError as e:
+        raise CheckpointImportError("reading a .pt file needs torch (pip install "
+                                    "torch==2.13.0 takes the CPU wheel), or give the state "
+                                    "dict as an .npz") from e
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        raise CheckpointImportError(f"{path!r} is not a readable PyTorch file: {e}") from e
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointImportError(f"{path!r} is not a state dict of tensors (a released "
-                           "openai/consistency_models checkpoint is one)")
+                                    "openai/consistency_models checkpoint is one)")
     return {key: value.float().numpy() for key, value in state.items()}
 
 

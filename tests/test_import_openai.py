@@ -260,6 +260,9 @@ def test_an_imported_checkpoint_is_a_run(tmp_path):
     assert images.shape == (2, 16, 16, 3)
     with pytest.raises(import_openai.CheckpointImportError, match="already holds a run"):
         import_openai.import_checkpoint(str(path), config, str(workdir))
+    (tmp_path / "damaged.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(import_openai.CheckpointImportError, match="not a readable PyTorch file"):
+        import_openai.read_state_dict(str(tmp_path / "damaged.pt"))
 
 
 # --------------------------------------------------------------------------- JAX CIFAR-10 releases
