@@ -9,20 +9,26 @@ same command resumes from the newest checkpoint there. --mode=sample and --mode=
 trained run in --workdir (its own config.json builds the model) and take their options from
 the config's `sample` and `edit` sections.
 """
+
 import logging as py_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally file.py:variant.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally file.py:variant.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "edit", "stats", "eval", "search"],
-                  "train: train (or resume) the run in --workdir; sample / edit: use its "
-                  "checkpoints (config.sample / config.edit choose how); stats: FID reference "
-                  "statistics of config.data; eval: FID/sFID of the run's samples (config.eval); "
-                  "search: the two-step middle time point with the lowest FID (config.search).")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "sample", "edit", "stats", "eval", "search"],
+    "train: train (or resume) the run in --workdir; sample / edit: use its "
+    "checkpoints (config.sample / config.edit choose how); stats: FID reference "
+    "statistics of config.data; eval: FID/sFID of the run's samples (config.eval); "
+    "search: the two-step middle time point with the lowest FID (config.search).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,12 +43,14 @@ def main(argv):
     logging.get_absl_handler().addFilter(_quiet_orbax)
     # Imported here so that --help answers without initialising JAX.
     import jax
+
     from cm_jax import generate, trainer
     from cm_jax.evaluation import evaluate
 
     jax.config.parse_flags_with_absl()
-    logging.info("JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(),
-                 jax.devices())
+    logging.info(
+        "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
+    )
     if FLAGS.mode == "train":
         hooks = []
         if FLAGS.config.train.fid_every:

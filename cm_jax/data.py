@@ -19,6 +19,7 @@ The module reads top to bottom:
 TensorFlow and tensorflow_datasets are imported only on the tfds path: training from npz
 shards needs neither (the GPU machines do not have them).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,8 +93,7 @@ def _check_image_shape(image_shape: tuple, image_size: int, num_channels: int, s
     height, width, channels = image_shape
     if (height, width) != (image_size, image_size):
         raise ValueError(
-            f"{source}: image size is {height}x{width}, but config.data.image_size is "
-            f"{image_size}"
+            f"{source}: image size is {height}x{width}, but config.data.image_size is {image_size}"
         )
     if channels != num_channels:
         raise ValueError(
@@ -225,19 +225,25 @@ def _load_image_folder(
     classes = sorted({r.split(os.sep)[0] for r in relative if os.sep in r})
     loose = [r for r in relative if os.sep not in r]
     if classes and loose:
-        raise ValueError(f"image folder {folder!r} mixes images at its top ({loose[0]}) with "
-                         f"class subfolders ({classes[0]}/…); use one layout")
+        raise ValueError(
+            f"image folder {folder!r} mixes images at its top ({loose[0]}) with "
+            f"class subfolders ({classes[0]}/…); use one layout"
+        )
     mode = {1: "L", 3: "RGB"}.get(num_channels)
     if mode is None:
-        raise ValueError(f"image folder {folder!r}: images can be read with 1 or 3 channels, "
-                         f"config.data.num_channels is {num_channels}")
+        raise ValueError(
+            f"image folder {folder!r}: images can be read with 1 or 3 channels, "
+            f"config.data.num_channels is {num_channels}"
+        )
     images = np.empty((len(files), image_size, image_size, num_channels), np.uint8)
     for i, path in enumerate(files):
         with Image.open(path) as image:
             if image.size != (image_size, image_size):
-                raise ValueError(f"{path}: image size is {image.size[1]}x{image.size[0]}, but "
-                                 f"config.data.image_size is {image_size} (images are not "
-                                 f"resized)")
+                raise ValueError(
+                    f"{path}: image size is {image.size[1]}x{image.size[0]}, but "
+                    f"config.data.image_size is {image_size} (images are not "
+                    f"resized)"
+                )
             images[i] = np.asarray(image.convert(mode)).reshape(images.shape[1:])
     index = {name: k for k, name in enumerate(classes)}
     labels = np.array([index[r.split(os.sep)[0]] if classes else 0 for r in relative], np.int32)
@@ -604,4 +610,3 @@ def _check_sharding_holds_rows(sharding, global_shape: tuple, batch_axis: int, r
             f"[{rows.start}, {rows.stop}); shard the batch axis (axis {batch_axis}) over a "
             "mesh built from jax.devices() in order"
         )
-

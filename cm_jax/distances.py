@@ -4,6 +4,7 @@ Every metric takes two [B, H, W, C] arrays and returns [B]. The consistency loss
 by name (`get_distance`), so a new weight-free metric is one more entry in `DISTANCES`. LPIPS,
 which needs network weights, lives in lpips.py and is wired by `losses.metric`.
 """
+
 import math
 
 import jax.numpy as jnp

@@ -21,6 +21,7 @@ Every task is a pure function `task(consistency_fn, y, sigmas, rng, *, sigma_min
 (`sampling.bind_consistency_fn`); rng holds one key per sample (`sampling.sample_keys`), so an
 edit depends on the sample's index only. Images are NHWC in [−1, 1].
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,9 @@ LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 weights, as the official coloriz
 # ----------------------------------------------------------------------------------------
 
 
-def iterative_edit(consistency_fn, y, sigmas, transform, inverse, mask, rng, sigma_min=0.002,
-                   clip=True):
+def iterative_edit(
+    consistency_fn, y, sigmas, transform, inverse, mask, rng, sigma_min=0.002, clip=True
+):
     """CM Algorithm 4: multistep sampling with the known part of transform(y) put back each step.
 
     transform / inverse: an invertible linear map A and its inverse on image batches; mask: 1 on
@@ -53,8 +55,9 @@ def iterative_edit(consistency_fn, y, sigmas, transform, inverse, mask, rng, sig
 
     keys = sampling.per_sample_keys(rng, y.shape[0])
     x = inverse(known) + sigmas[0] * sampling.step_noise(keys, 0, y.shape[1:])
-    return sampling.consistency_steps(consistency_fn, x, sigmas, keys, sigma_min=sigma_min,
-                                      clip=clip, project=replace)
+    return sampling.consistency_steps(
+        consistency_fn, x, sigmas, keys, sigma_min=sigma_min, clip=clip, project=replace
+    )
 
 
 def _check_images(x, name):
@@ -70,8 +73,9 @@ def _check_mask(mask, shape):
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"mask of shape {mask.shape} does not fit the transformed images of "
-                         f"shape {shape}")
+        raise ValueError(
+            f"mask of shape {mask.shape} does not fit the transformed images of shape {shape}"
+        )
     try:
         values = np.asarray(mask)
     except jax.errors.TracerArrayConversionError:
@@ -124,8 +128,10 @@ def box_mask(image_size, top, left, bottom, right):
     """A pixel mask [H, W] (1 = known) with the hole rows top:bottom, columns left:right."""
     height, width = _size(image_size)
     if not (0 <= top < bottom <= height and 0 <= left < right <= width):
-        raise ValueError(f"box (top={top}, left={left}, bottom={bottom}, right={right}) is "
-                         f"empty or outside the {height}×{width} image")
+        raise ValueError(
+            f"box (top={top}, left={left}, bottom={bottom}, right={right}) is "
+            f"empty or outside the {height}×{width} image"
+        )
     mask = np.ones((height, width), np.float32)
     mask[top:bottom, left:right] = 0.0
     return mask
@@ -134,8 +140,9 @@ def box_mask(image_size, top, left, bottom, right):
 def center_square_mask(image_size):
     """The hole is the central square of half the side (a quarter of the image)."""
     height, width = _size(image_size)
-    return box_mask((height, width), height // 4, width // 4, height - height // 4,
-                    width - width // 4)
+    return box_mask(
+        (height, width), height // 4, width // 4, height - height // 4, width - width // 4
+    )
 
 
 def left_half_mask(image_size):
@@ -168,8 +175,10 @@ def _pixel_mask(mask, images_shape):
     if mask.ndim == 3:
         mask = mask[None]
     if mask.ndim != 4 or mask.shape[1:3] != tuple(images_shape[1:3]):
-        raise ValueError(f"the mask is {'×'.join(map(str, mask.shape[1:3]))} but the images are "
-                         f"{images_shape[1]}×{images_shape[2]} (mask shape {mask.shape})")
+        raise ValueError(
+            f"the mask is {'×'.join(map(str, mask.shape[1:3]))} but the images are "
+            f"{images_shape[1]}×{images_shape[2]} (mask shape {mask.shape})"
+        )
     return mask
 
 
@@ -178,8 +187,17 @@ def inpaint(consistency_fn, y, sigmas, rng, *, mask, sigma_min=0.002, clip=True)
     are y's exactly."""
     _check_images(y, "y")
     identity = lambda x: x
-    return iterative_edit(consistency_fn, y, sigmas, identity, identity,
-                          _pixel_mask(mask, y.shape), rng, sigma_min, clip)
+    return iterative_edit(
+        consistency_fn,
+        y,
+        sigmas,
+        identity,
+        identity,
+        _pixel_mask(mask, y.shape),
+        rng,
+        sigma_min,
+        clip,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -201,8 +219,9 @@ def colorize(consistency_fn, y, sigmas, rng, *, sigma_min=0.002, clip=True):
     y = jnp.broadcast_to(y, y.shape[:-1] + (3,))
     q = jnp.asarray(luma_basis())
     mask = jnp.asarray([1.0, 0.0, 0.0])
-    return iterative_edit(consistency_fn, y, sigmas, lambda x: x @ q, lambda c: c @ q.T, mask,
-                          rng, sigma_min, clip)
+    return iterative_edit(
+        consistency_fn, y, sigmas, lambda x: x @ q, lambda c: c @ q.T, mask, rng, sigma_min, clip
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,8 +233,9 @@ def _check_factor(shape, factor):
     if int(factor) != factor or factor < 1:
         raise ValueError(f"the super-resolution factor must be a positive integer, got {factor}")
     if shape[1] % factor or shape[2] % factor:
-        raise ValueError(f"images of {shape[1]}×{shape[2]} pixels do not split into "
-                         f"{factor}×{factor} patches")
+        raise ValueError(
+            f"images of {shape[1]}×{shape[2]} pixels do not split into {factor}×{factor} patches"
+        )
 
 
 def to_patches(x, factor):
@@ -255,8 +275,7 @@ def superres(consistency_fn, y, sigmas, rng, *, factor, sigma_min=0.002, clip=Tr
     mask = jnp.zeros((factor**2,)).at[0].set(1.0)
     transform = lambda x: to_patches(x, factor) @ q
     inverse = lambda c: from_patches(c @ q.T, factor)
-    return iterative_edit(consistency_fn, y, sigmas, transform, inverse, mask, rng, sigma_min,
-                          clip)
+    return iterative_edit(consistency_fn, y, sigmas, transform, inverse, mask, rng, sigma_min, clip)
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,8 +290,9 @@ def stroke_edit(consistency_fn, y, sigmas, rng, *, sigma_min=0.002, clip=True):
     sigmas = sampling.time_points(sigmas, None, sigma_min)
     keys = sampling.per_sample_keys(rng, y.shape[0])
     x = y + sigmas[0] * sampling.step_noise(keys, 0, y.shape[1:])
-    return sampling.consistency_steps(consistency_fn, x, sigmas, keys, sigma_min=sigma_min,
-                                      clip=clip)
+    return sampling.consistency_steps(
+        consistency_fn, x, sigmas, keys, sigma_min=sigma_min, clip=clip
+    )
 
 
 def denoise(consistency_fn, y, sigmas, rng=None, *, sigma_min=0.002, clip=True):
@@ -280,8 +300,9 @@ def denoise(consistency_fn, y, sigmas, rng=None, *, sigma_min=0.002, clip=True):
     multistep sampling does (and then need rng)."""
     _check_images(y, "y")
     sigmas = sampling.time_points(sigmas, None, sigma_min)
-    return sampling.consistency_steps(consistency_fn, y, sigmas, rng, sigma_min=sigma_min,
-                                      clip=clip)
+    return sampling.consistency_steps(
+        consistency_fn, y, sigmas, rng, sigma_min=sigma_min, clip=clip
+    )
 
 
 def slerp(z1, z2, alpha):
@@ -298,8 +319,9 @@ def slerp(z1, z2, alpha):
     return w1.reshape(shape) * z1 + w2.reshape(shape) * z2
 
 
-def interpolate(consistency_fn, latents, sigmas, rng=None, *, num_frames, sigma_min=0.002,
-                clip=True):
+def interpolate(
+    consistency_fn, latents, sigmas, rng=None, *, num_frames, sigma_min=0.002, clip=True
+):
     """latents = (z1, z2), each [B, H, W, C] ~ N(0, I): num_frames images along the slerp from
     z1 to z2, each sampled from σ_0·z_α with CM Algorithm 1 -> [B, num_frames, H, W, C].
 
@@ -316,8 +338,9 @@ def interpolate(consistency_fn, latents, sigmas, rng=None, *, num_frames, sigma_
 
     def frame(alpha):
         z = slerp(z1, z2, alpha)
-        return sampling.consistency_steps(consistency_fn, sigmas[0] * z, sigmas, rng,
-                                          sigma_min=sigma_min, clip=clip)
+        return sampling.consistency_steps(
+            consistency_fn, sigmas[0] * z, sigmas, rng, sigma_min=sigma_min, clip=clip
+        )
 
     frames = jax.lax.map(frame, jnp.linspace(0.0, 1.0, num_frames))
     return jnp.swapaxes(frames, 0, 1)

@@ -9,6 +9,7 @@ Samples are sharded over all devices. Sample i always comes from the noise of in
 (sampling.sample_noise), so the same seed gives the same images whatever the batch size or the
 number of devices.
 """
+
 import functools
 import glob
 import os
@@ -68,8 +69,20 @@ class Generator:
         return sampling.validate_sigmas(sigmas, self.grid["sigma_max"], self.grid["sigma_min"])
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, num, sigmas=None, ts=None, num_scales=None, labels=None, seed=0,
-               batch_size=256, edm_steps=18, edm_solver="heun", first_index=0, pd_steps=0):
+    def sample(
+        self,
+        num,
+        sigmas=None,
+        ts=None,
+        num_scales=None,
+        labels=None,
+        seed=0,
+        batch_size=256,
+        edm_steps=18,
+        edm_solver="heun",
+        first_index=0,
+        pd_steps=0,
+    ):
         """(uint8 images [num, H, W, C], labels or None): samples first_index … first_index+num−1.
 
         Consistency models: CM Algorithm 1 over `time_points(sigmas, ts, num_scales)`.
@@ -83,8 +96,9 @@ class Generator:
         elif self.is_diffusion_model:
             fn = self._edm_fn(edm_steps, edm_solver)
         else:
-            fn = self._consistency_fn(tuple(float(s) for s in self.time_points(sigmas, ts,
-                                                                                num_scales)))
+            fn = self._consistency_fn(
+                tuple(float(s) for s in self.time_points(sigmas, ts, num_scales))
+            )
         images = self._batched(fn, num, batch_size, seed, labels, first_index)
         return images, labels
 
@@ -111,9 +125,16 @@ class Generator:
             # per sample index serves both (and a neighbouring seed never repeats them).
             z = sampling.sample_noise(seed, indices, self.image_shape)
             keys = sampling.sample_keys(seed, indices)
-            x = sampling.multistep_sample(self.net, params, z, jnp.asarray(sigmas), labels,
-                                          noise_rng=keys, sigma_min=k.sigma_min,
-                                          sigma_data=k.sigma_data)
+            x = sampling.multistep_sample(
+                self.net,
+                params,
+                z,
+                jnp.asarray(sigmas),
+                labels,
+                noise_rng=keys,
+                sigma_min=k.sigma_min,
+                sigma_data=k.sigma_data,
+            )
             return data.to_uint8(x)
 
         return self._jit(fn)
@@ -125,8 +146,17 @@ class Generator:
 
         def fn(params, indices, seed, labels):
             z = sampling.sample_noise(seed, indices, self.image_shape)
-            x = sampler(self.net, params, z, labels, num_steps=num_steps, sigma_min=k.sigma_min,
-                        sigma_max=k.sigma_max, rho=k.rho, sigma_data=k.sigma_data)
+            x = sampler(
+                self.net,
+                params,
+                z,
+                labels,
+                num_steps=num_steps,
+                sigma_min=k.sigma_min,
+                sigma_max=k.sigma_max,
+                rho=k.rho,
+                sigma_data=k.sigma_data,
+            )
             return data.to_uint8(x)
 
         return self._jit(fn)
@@ -137,9 +167,17 @@ class Generator:
 
         def fn(params, indices, seed, labels):
             z = sampling.sample_noise(seed, indices, self.image_shape)
-            x = sampling.pd_sample(self.net, params, z, labels, num_steps=num_steps,
-                                   sigma_min=k.sigma_min, sigma_max=k.sigma_max, rho=k.rho,
-                                   sigma_data=k.sigma_data)
+            x = sampling.pd_sample(
+                self.net,
+                params,
+                z,
+                labels,
+                num_steps=num_steps,
+                sigma_min=k.sigma_min,
+                sigma_max=k.sigma_max,
+                rho=k.rho,
+                sigma_data=k.sigma_data,
+            )
             return data.to_uint8(x)
 
         return self._jit(fn)
@@ -158,9 +196,9 @@ class Generator:
             indices = first_index + np.arange(start, start + batch_size)
             batch_labels = None
             if labels is not None:
-                batch_labels = np.resize(labels[start:start + batch_size], batch_size)
+                batch_labels = np.resize(labels[start : start + batch_size], batch_size)
             images = fn(self.params, indices.astype(np.int32), np.int32(seed), batch_labels)
-            out.append(np.asarray(jax.device_get(images))[:num - start])
+            out.append(np.asarray(jax.device_get(images))[: num - start])
         return np.concatenate(out)[:num]
 
     # ------------------------------------------------------------------ editing
@@ -168,15 +206,17 @@ class Generator:
         """Apply editing.TASKS[task] to uint8 images [B, H, W, C] (for "interpolation": a pair
         of latents [2, B, H, W, C], or None to draw them from `seed`). Returns uint8."""
         if self.is_diffusion_model:
-            raise ValueError(f"Editing needs a consistency model; this run is method "
-                             f"{self.config.method!r}, a denoiser.")
+            raise ValueError(
+                f"Editing needs a consistency model; this run is method "
+                f"{self.config.method!r}, a denoiser."
+            )
         if task not in editing.TASKS:
             raise ValueError(f"Unknown editing task {task!r}: use one of {sorted(editing.TASKS)}.")
-        sigmas = self.time_points(sigmas) if task != "denoising" else np.asarray(sigmas,
-                                                                               np.float32)
+        sigmas = self.time_points(sigmas) if task != "denoising" else np.asarray(sigmas, np.float32)
         k = self.config.karras
-        f = sampling.bind_consistency_fn(self.net, self.params, labels, sigma_data=k.sigma_data,
-                                         sigma_min=k.sigma_min)
+        f = sampling.bind_consistency_fn(
+            self.net, self.params, labels, sigma_data=k.sigma_data, sigma_min=k.sigma_min
+        )
         if task == "interpolation":
             y = images if images is not None else self._latent_pair(seed, options)
         else:
@@ -185,15 +225,20 @@ class Generator:
             options["mask"] = editing.MASKS[options["mask"]](self.image_shape[0])
         batch = y.shape[1] if task == "interpolation" else y.shape[0]
         rng = sampling.sample_keys(seed, np.arange(batch))
-        run = jax.jit(lambda y, rng: editing.TASKS[task](f, y, jnp.asarray(sigmas), rng,
-                                                         sigma_min=k.sigma_min, **options))
+        run = jax.jit(
+            lambda y, rng: editing.TASKS[task](
+                f, y, jnp.asarray(sigmas), rng, sigma_min=k.sigma_min, **options
+            )
+        )
         return np.asarray(jax.device_get(data.to_uint8(run(y, rng))))
 
     def _check_images(self, images):
         images = np.asarray(images)
         if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"Images to edit must be [B, {', '.join(map(str, self.image_shape))}]"
-                             f" to match the model, got {images.shape}.")
+            raise ValueError(
+                f"Images to edit must be [B, {', '.join(map(str, self.image_shape))}]"
+                f" to match the model, got {images.shape}."
+            )
         if images.dtype != np.uint8:
             raise ValueError(f"Images to edit must be uint8, got {images.dtype}.")
         return images
@@ -211,14 +256,22 @@ def run_sample(config, workdir):
     of the official samplers and evaluators) and a PNG grid of the first 64."""
     s = config.sample
     gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None)
-    images, labels = gen.sample(s.num_samples, sigmas=tuple(s.sigmas), ts=tuple(s.ts),
-                                num_scales=s.num_scales, seed=s.seed, batch_size=s.batch_size,
-                                edm_steps=s.edm_steps, edm_solver=s.edm_solver,
-                                pd_steps=s.pd_steps)
+    images, labels = gen.sample(
+        s.num_samples,
+        sigmas=tuple(s.sigmas),
+        ts=tuple(s.ts),
+        num_scales=s.num_scales,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        edm_steps=s.edm_steps,
+        edm_solver=s.edm_solver,
+        pd_steps=s.pd_steps,
+    )
     out_dir = s.out_dir or os.path.join(workdir, "samples")
     name = "samples_" + "x".join(str(d) for d in images.shape)
-    return _write(out_dir, name, images[:64], arr_0=images,
-                  **({} if labels is None else {"arr_1": labels}))
+    return _write(
+        out_dir, name, images[:64], arr_0=images, **({} if labels is None else {"arr_1": labels})
+    )
 
 
 def run_edit(config, workdir):

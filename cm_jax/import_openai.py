@@ -27,6 +27,7 @@ The config's network says which release it is.
 The imported run holds the weights as θ and as every evaluation EMA, at step 0 (the released
 files are EMA weights).
 """
+
 import hashlib
 import json
 import os
@@ -56,16 +57,20 @@ def read_state_dict(path):
     try:
         import torch  # pylint: disable=import-outside-toplevel  # Only .pt files need it.
     except ImportError as e:
-        raise CheckpointImportError("reading a .pt file needs torch (pip install "
-                                    "torch==2.13.0 takes the CPU wheel), or give the state "
-                                    "dict as an .npz") from e
+        raise CheckpointImportError(
+            "reading a .pt file needs torch (pip install "
+            "torch==2.13.0 takes the CPU wheel), or give the state "
+            "dict as an .npz"
+        ) from e
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
         raise CheckpointImportError(f"{path!r} is not a readable PyTorch file: {e}") from e
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointImportError(f"{path!r} is not a state dict of tensors (a released "
-                                    "openai/consistency_models checkpoint is one)")
+        raise CheckpointImportError(
+            f"{path!r} is not a state dict of tensors (a released "
+            "openai/consistency_models checkpoint is one)"
+        )
     return {key: value.float().numpy() for key, value in state.items()}
 
 
@@ -97,23 +102,29 @@ def to_flax(tensor, flax_path, model_config, qkv_layout):
         tensor = _flash_to_legacy(tensor, _heads(model_config, width))
     if flax_path[-1] != "kernel":
         return tensor
-    if tensor.ndim == 2:                      # Linear [out, in] -> Dense [in, out]
+    if tensor.ndim == 2:  # Linear [out, in] -> Dense [in, out]
         return tensor.T
-    if tensor.ndim == 3:                      # Conv1d [O, I, 1] -> 1x1 Conv2d
+    if tensor.ndim == 3:  # Conv1d [O, I, 1] -> 1x1 Conv2d
         tensor = tensor[..., None]
-    return tensor.transpose(2, 3, 1, 0)       # OIHW -> HWIO
+    return tensor.transpose(2, 3, 1, 0)  # OIHW -> HWIO
 
 
 def adm_params(state_dict, config, qkv_layout="flash"):
     """The ADM parameters of ``config.model`` from a guided-diffusion state dict (see
     `_assemble` for what must fit)."""
     if config.model.name != "adm":
-        raise CheckpointImportError(f"config.model.name={config.model.name!r}: the PyTorch "
-                                    "releases of openai/consistency_models are ADM networks")
+        raise CheckpointImportError(
+            f"config.model.name={config.model.name!r}: the PyTorch "
+            "releases of openai/consistency_models are ADM networks"
+        )
     if qkv_layout not in QKV_LAYOUTS:
         raise CheckpointImportError(f"qkv_layout={qkv_layout!r}: use one of {QKV_LAYOUTS}")
-    return _assemble(config, state_dict, torch_key,
-                     lambda tensor, path: to_flax(tensor, path, config.model, qkv_layout))
+    return _assemble(
+        config,
+        state_dict,
+        torch_key,
+        lambda tensor, path: to_flax(tensor, path, config.model, qkv_layout),
+    )
 
 
 def read_jcm_checkpoint(path):
@@ -139,12 +150,15 @@ def ncsnpp_params(state, config, field="params_ema"):
     openai/consistency_models_cifar10 state: its NCSNpp has the parameter paths of
     ``models/ncsnpp.py``, so this is a copy once every path and shape fits (`_assemble`)."""
     if config.model.name != "ncsnpp":
-        raise CheckpointImportError(f"config.model.name={config.model.name!r}: the JAX "
-                                    "releases of openai/consistency_models_cifar10 are NCSN++ "
-                                    "networks")
+        raise CheckpointImportError(
+            f"config.model.name={config.model.name!r}: the JAX "
+            "releases of openai/consistency_models_cifar10 are NCSN++ "
+            "networks"
+        )
     if not isinstance(state.get(field), dict):
-        raise CheckpointImportError(f"the checkpoint has no parameter tree {field!r}; its "
-                                    f"fields are {sorted(state)}")
+        raise CheckpointImportError(
+            f"the checkpoint has no parameter tree {field!r}; its fields are {sorted(state)}"
+        )
     flat = {"/".join(path): leaf for path, leaf in _flatten(state[field])}
     return _assemble(config, flat, "/".join, lambda array, path: array)
 
@@ -176,18 +190,23 @@ def _assemble(config, source, name_of, convert):
             continue
         value = convert(np.asarray(source[name], np.float32), flax_path)
         if value.shape != shape.shape:
-            wrong.append(f"{name}: {tuple(np.shape(source[name]))} gives {value.shape}, "
-                         f"the network has {shape.shape}")
+            wrong.append(
+                f"{name}: {tuple(np.shape(source[name]))} gives {value.shape}, "
+                f"the network has {shape.shape}"
+            )
         params.append(value)
     unused = sorted(set(source) - names)
     if missing or wrong or unused:
-        problems = ([f"missing {k}" for k in missing[:5]] + wrong[:5]
-                    + [f"unused {k}" for k in unused[:5]])
+        problems = (
+            [f"missing {k}" for k in missing[:5]] + wrong[:5] + [f"unused {k}" for k in unused[:5]]
+        )
         raise CheckpointImportError(
             f"the checkpoint does not fit config.model ({len(missing)} entries missing, "
-            f"{len(wrong)} of another shape, {len(unused)} unused): " + "; ".join(problems)
+            f"{len(wrong)} of another shape, {len(unused)} unused): "
+            + "; ".join(problems)
             + ". Give the config the checkpoint was trained with (configs/imagenet64_*.py or "
-            "lsun256_*.py for the PyTorch releases, configs/cifar10_*.py for the JAX ones).")
+            "lsun256_*.py for the PyTorch releases, configs/cifar10_*.py for the JAX ones)."
+        )
     return jax.tree_util.tree_unflatten(treedef, params)
 
 
@@ -224,15 +243,17 @@ def import_checkpoint(path, config, workdir, qkv_layout="flash", field="params_e
         source = {"qkv_layout": qkv_layout}
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    write_run(config, params, workdir,
-              {"checkpoint": os.path.abspath(path), "sha256": digest, **source})
+    write_run(
+        config, params, workdir, {"checkpoint": os.path.abspath(path), "sha256": digest, **source}
+    )
 
 
 def main(argv):
     del argv
     try:
-        import_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.qkv_layout,
-                          FLAGS.field)
+        import_checkpoint(
+            FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.qkv_layout, FLAGS.field
+        )
     except CheckpointImportError as e:
         raise SystemExit(f"import_openai: {e}") from None
     print(f"imported {FLAGS.checkpoint} into {FLAGS.workdir}")
@@ -243,15 +264,25 @@ if __name__ == "__main__":
     from ml_collections import config_flags
 
     FLAGS = flags.FLAGS
-    flags.DEFINE_string("checkpoint", None, "The released .pt (or its state dict as .npz).",
-                        required=True)
+    flags.DEFINE_string(
+        "checkpoint", None, "The released .pt (or its state dict as .npz).", required=True
+    )
     config_flags.DEFINE_config_file(
-        "config", None, "The run config, e.g. configs/imagenet64_cd.py (variant after ':'); "
-        "--config.x=y overrides.", lock_config=True)
+        "config",
+        None,
+        "The run config, e.g. configs/imagenet64_cd.py (variant after ':'); "
+        "--config.x=y overrides.",
+        lock_config=True,
+    )
     flags.DEFINE_string("workdir", None, "An empty folder for the imported run.", required=True)
-    flags.DEFINE_enum("qkv_layout", "flash", QKV_LAYOUTS,
-                      "ADM: flash for openai/consistency_models, legacy for guided-diffusion.")
-    flags.DEFINE_string("field", "params_ema",
-                        "NCSN++: the parameter tree of the Flax state to import.")
+    flags.DEFINE_enum(
+        "qkv_layout",
+        "flash",
+        QKV_LAYOUTS,
+        "ADM: flash for openai/consistency_models, legacy for guided-diffusion.",
+    )
+    flags.DEFINE_string(
+        "field", "params_ema", "NCSN++: the parameter tree of the Flax state to import."
+    )
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -9,6 +9,7 @@ Conventions (Karras et al. 2022, "EDM"; Song et al. 2023, "Consistency Models", 
 Everything here is a pure function of arrays; N may be a traced integer, so a curriculum that
 changes N never forces a recompilation.
 """
+
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -69,7 +70,8 @@ def consistency_scalings(sigma, sigma_data=0.5, sigma_min=0.002):
 
     c_skip = σ_d²/((σ−σ_min)²+σ_d²) and c_out = (σ−σ_min)·σ_d/√(σ²+σ_d²), so at σ = σ_min
     c_skip = 1 and c_out = 0: f(x, σ_min) = x exactly (the boundary condition of CM §3; this
-    is what makes it hold to float precision). Note the c_out denominator uses σ², not (σ−σ_min)², as the official code does.
+    is what makes it hold to float precision). Note the c_out denominator uses σ², not
+    (σ−σ_min)², as the official code does.
     c_in and c_noise are EDM's.
     """
     d2 = sigma_data**2

@@ -19,6 +19,7 @@ Methods:
 - "sct", "scd": sCM (Lu & Song 2025), consistency training and distillation in continuous
          time: the gap is zero and the target's change is a JVP in TrigFlow coordinates.
 """
+
 import functools
 
 import jax
@@ -40,8 +41,9 @@ def total_curriculum_steps(config):
 def metric(loss_config):
     """d(x, y, frozen) -> [B]: LPIPS reads its VGG16 weights from frozen["lpips"]."""
     if loss_config.distance == "lpips":
-        return lambda x, y, frozen: lpips.lpips_distance(frozen["lpips"], x, y,
-                                                         resize_to=loss_config.lpips_resize)
+        return lambda x, y, frozen: lpips.lpips_distance(
+            frozen["lpips"], x, y, resize_to=loss_config.lpips_resize
+        )
     distance = distances.get_distance(loss_config.distance, loss_config.huber_c)
     return lambda x, y, frozen: distance(x, y)
 
@@ -50,8 +52,7 @@ def _weighted_loss(distances_per_example, sigma_lo, sigma_hi, weighting, **metri
     """(mean of λ(σ_lo, σ_hi)·d, metrics): the loss of CT, CD, PD and ECT over a batch."""
     weight = schedules.pair_weight(sigma_lo, sigma_hi, weighting)
     loss = jnp.mean(weight * distances_per_example)
-    return loss, {"loss": loss, "unweighted_distance": jnp.mean(distances_per_example),
-                  **metrics}
+    return loss, {"loss": loss, "unweighted_distance": jnp.mean(distances_per_example), **metrics}
 
 
 def _consistency_loss(net, config, target_input):
@@ -69,15 +70,24 @@ def _consistency_loss(net, config, target_input):
     distance = metric(lc)
     max_scales = schedules.max_num_scales(sc)
     total_steps = total_curriculum_steps(config)
-    f = functools.partial(precond.consistency_fn, net, sigma_data=kc.sigma_data,
-                          sigma_min=kc.sigma_min, train=True)
+    f = functools.partial(
+        precond.consistency_fn, net, sigma_data=kc.sigma_data, sigma_min=kc.sigma_min, train=True
+    )
 
     def loss_fn(params, target_params, batch, rng, step, frozen=None):
         x, labels = batch["image"], _labels(batch, config.model)
         num_scales, _ = schedules.num_scales_and_target_ema(step, sc, total_steps)
         index_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-        i = schedules.sample_pair_index(index_rng, x.shape[0], num_scales, lc.index_sampling,
-                                        max_scales, lc.p_mean, lc.p_std, **grid)
+        i = schedules.sample_pair_index(
+            index_rng,
+            x.shape[0],
+            num_scales,
+            lc.index_sampling,
+            max_scales,
+            lc.p_mean,
+            lc.p_std,
+            **grid,
+        )
         sigma_lo = karras.karras_sigma(i, num_scales, **grid)
         sigma_hi = karras.karras_sigma(i + 1, num_scales, **grid)
         z = jax.random.normal(noise_rng, x.shape, x.dtype)
@@ -88,8 +98,13 @@ def _consistency_loss(net, config, target_input):
         target = f(target_params, x_lo, sigma_lo, labels, dropout_rng=dropout_rng)
         target = jax.lax.stop_gradient(target)
 
-        return _weighted_loss(distance(online, target, frozen), sigma_lo, sigma_hi, lc.weighting,
-                              num_scales=num_scales)
+        return _weighted_loss(
+            distance(online, target, frozen),
+            sigma_lo,
+            sigma_hi,
+            lc.weighting,
+            num_scales=num_scales,
+        )
 
     return loss_fn
 
@@ -121,8 +136,9 @@ def consistency_distillation_loss(net, config, teacher_net):
     sigma_data = config.karras.sigma_data
 
     def teacher_ode_step(frozen, x, z, x_hi, sigma_hi, sigma_lo, labels):
-        denoise = lambda v, s: precond.edm_denoiser(teacher_net, frozen["teacher"], v, s, labels,
-                                                    sigma_data=sigma_data)
+        denoise = lambda v, s: precond.edm_denoiser(
+            teacher_net, frozen["teacher"], v, s, labels, sigma_data=sigma_data
+        )
         return solver(denoise, x_hi, sigma_hi, sigma_lo)
 
     return _consistency_loss(net, config, teacher_ode_step)
@@ -143,8 +159,13 @@ def easy_consistency_training_loss(net, config, teacher_net=None):
     del teacher_net  # The teacher only initialises θ (trainer.initial_student).
     kc, lc, ec = config.karras, config.loss, config.ect
     distance = metric(lc)
-    f = functools.partial(precond.consistency_fn, net, sigma_data=kc.sigma_data, train=True,
-                          sigma_min=kc.sigma_min if ec.boundary_in_training else 0.0)
+    f = functools.partial(
+        precond.consistency_fn,
+        net,
+        sigma_data=kc.sigma_data,
+        train=True,
+        sigma_min=kc.sigma_min if ec.boundary_in_training else 0.0,
+    )
 
     def loss_fn(params, target_params, batch, rng, step, frozen=None):
         del target_params  # ECT's target is the online network itself, without gradient.
@@ -158,12 +179,23 @@ def easy_consistency_training_loss(net, config, teacher_net=None):
         online = f(params, x + karras.per_example(t, x) * z, t, labels, dropout_rng=dropout_rng)
         at_data = r <= 0.0
         r_safe = jnp.where(at_data, t, r)  # ln(0) would make the (discarded) rows NaN.
-        target = f(jax.lax.stop_gradient(params), x + karras.per_example(r_safe, x) * z, r_safe,
-                   labels, dropout_rng=dropout_rng)
+        target = f(
+            jax.lax.stop_gradient(params),
+            x + karras.per_example(r_safe, x) * z,
+            r_safe,
+            labels,
+            dropout_rng=dropout_rng,
+        )
         target = jax.lax.stop_gradient(jnp.where(karras.per_example(at_data, x), x, target))
 
-        return _weighted_loss(distance(online, target, frozen), r, t, lc.weighting,
-                              ect_stage=stage, target_at_data=jnp.mean(at_data))
+        return _weighted_loss(
+            distance(online, target, frozen),
+            r,
+            t,
+            lc.weighting,
+            ect_stage=stage,
+            target_at_data=jnp.mean(at_data),
+        )
 
     return loss_fn
 
@@ -209,37 +241,46 @@ def continuous_consistency_loss(net, config, teacher_net=None):
         z = sigma_data * jax.random.normal(noise_rng, x0.shape, x0.dtype)
         x_t = trigflow.noisy(x0, z, t)
         if distill:
-            dx_dt = sigma_data * precond.trigflow_velocity(teacher_net, frozen["teacher"], x_t, t,
-                                                           labels, sigma_data=sigma_data)
+            dx_dt = sigma_data * precond.trigflow_velocity(
+                teacher_net, frozen["teacher"], x_t, t, labels, sigma_data=sigma_data
+            )
         else:
             dx_dt = trigflow.training_velocity(x0, z, t)
         dx_dt = jax.lax.stop_gradient(dx_dt)
 
         F = velocity(params, x_t, t, labels, dropout_rng=dropout_rng)
-        frozen_velocity = lambda x, s: velocity(jax.lax.stop_gradient(params), x, s, labels,
-                                                dropout_rng=dropout_rng)
+        frozen_velocity = lambda x, s: velocity(
+            jax.lax.stop_gradient(params), x, s, labels, dropout_rng=dropout_rng
+        )
         cos_sin = jnp.cos(t) * jnp.sin(t)
         if sc.jvp == "autodiff":
-            F_minus, dF_minus = jax.jvp(frozen_velocity, (x_t, t),
-                                        (karras.per_example(cos_sin, x_t) * dx_dt, cos_sin))
+            F_minus, dF_minus = jax.jvp(
+                frozen_velocity, (x_t, t), (karras.per_example(cos_sin, x_t) * dx_dt, cos_sin)
+            )
         else:  # "finite_difference": the same directional derivative, from two more passes.
             F_minus = jax.lax.stop_gradient(F)
             dF_minus = karras.per_example(cos_sin, x_t) * trigflow.central_difference(
-                frozen_velocity, x_t, t, dx_dt, difference_step(config))
+                frozen_velocity, x_t, t, dx_dt, difference_step(config)
+            )
         warmup = trigflow.tangent_warmup(step, sc.tangent_warmup_steps)
         g = trigflow.tangent(F_minus, dF_minus, x_t, dx_dt, t, warmup, sigma_data)
         g_normalized = trigflow.normalize_tangent(g, sc.tangent_norm_c, sc.tangent_norm)
         residual = F - jax.lax.stop_gradient(F) - jax.lax.stop_gradient(g_normalized)
         mean_square = jnp.mean(residual.reshape(x0.shape[0], -1) ** 2, axis=1)
 
-        u = uncertainty.log_variance(params, karras.noise_conditioning(sigma),
-                                     sc.uncertainty_channels)
+        u = uncertainty.log_variance(
+            params, karras.noise_conditioning(sigma), sc.uncertainty_channels
+        )
         weight = 1.0 / sigma if sc.prior_weighting else 1.0
         loss = jnp.mean(weight * jnp.exp(-u) * mean_square + u)
         tangent_rms = jnp.sqrt(jnp.mean(g.reshape(x0.shape[0], -1) ** 2, axis=1))
-        return loss, {"loss": loss, "unweighted_distance": jnp.mean(mean_square),
-                      "log_variance": jnp.mean(u), "tangent_warmup": warmup,
-                      "tangent_rms": jnp.mean(tangent_rms)}
+        return loss, {
+            "loss": loss,
+            "unweighted_distance": jnp.mean(mean_square),
+            "log_variance": jnp.mean(u),
+            "tangent_warmup": warmup,
+            "tangent_rms": jnp.mean(tangent_rms),
+        }
 
     return loss_fn
 
@@ -261,9 +302,16 @@ def edm_loss(net, config, teacher_net=None):
         sigma = schedules.edm_sample_sigma(sigma_rng, x.shape[0], ec.p_mean, ec.p_std)
         n = karras.per_example(sigma, x) * jax.random.normal(noise_rng, x.shape, x.dtype)
         noisy = x + n
-        denoised = precond.edm_denoiser(net, params, noisy, sigma, labels,
-                                        sigma_data=kc.sigma_data, train=True,
-                                        dropout_rng=dropout_rng)
+        denoised = precond.edm_denoiser(
+            net,
+            params,
+            noisy,
+            sigma,
+            labels,
+            sigma_data=kc.sigma_data,
+            train=True,
+            dropout_rng=dropout_rng,
+        )
         per_example = schedules.edm_weight(sigma, kc.sigma_data) * distances.l2(denoised, x)
         loss = jnp.mean(per_example)
         return loss, {"loss": loss}
@@ -305,22 +353,33 @@ def progressive_distillation_loss(net, config, teacher_net=None):
         num_steps = schedules.pd_num_scales(step, sc.pd_start_scales, sc.pd_stage_steps)
         index_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
         j = jax.random.randint(index_rng, (x.shape[0],), 0, num_steps)
-        sigma_lo, sigma_mid, sigma_hi = (karras.karras_sigma(j + d, num_steps + 1, **grid)
-                                         for d in (0.0, 0.5, 1.0))
-        x_hi = x + karras.per_example(sigma_hi, x) * jax.random.normal(noise_rng, x.shape,
-                                                                         x.dtype)
+        sigma_lo, sigma_mid, sigma_hi = (
+            karras.karras_sigma(j + d, num_steps + 1, **grid) for d in (0.0, 0.5, 1.0)
+        )
+        x_hi = x + karras.per_example(sigma_hi, x) * jax.random.normal(noise_rng, x.shape, x.dtype)
         student = denoiser(params, x_hi, sigma_hi, labels, train=True, dropout_rng=dropout_rng)
         teacher = lambda v, s: denoiser(target_params, v, s, labels)
         target = jax.lax.stop_gradient(pd_target(teacher, x_hi, sigma_hi, sigma_mid, sigma_lo))
-        return _weighted_loss(distance(student, target, frozen), sigma_lo, sigma_hi, lc.weighting,
-                              num_scales=num_steps)
+        return _weighted_loss(
+            distance(student, target, frozen),
+            sigma_lo,
+            sigma_hi,
+            lc.weighting,
+            num_scales=num_steps,
+        )
 
     return loss_fn
 
 
-LOSSES = {"ct": consistency_training_loss, "cd": consistency_distillation_loss, "edm": edm_loss,
-          "pd": progressive_distillation_loss, "ect": easy_consistency_training_loss,
-          "sct": continuous_consistency_loss, "scd": continuous_consistency_loss}
+LOSSES = {
+    "ct": consistency_training_loss,
+    "cd": consistency_distillation_loss,
+    "edm": edm_loss,
+    "pd": progressive_distillation_loss,
+    "ect": easy_consistency_training_loss,
+    "sct": continuous_consistency_loss,
+    "scd": continuous_consistency_loss,
+}
 
 
 def get_loss_fn(net, config, teacher_net=None):

@@ -31,6 +31,7 @@ The parameters are a plain pytree: {"vgg": {"conv1_1": {"kernel", "bias"}, …, 
 "lin0": [64], "lin1": [128], "lin2": [256], "lin3": [512], "lin4": [512]}, kernels in Flax
 HWIO layout.
 """
+
 import argparse
 import hashlib
 import importlib.util
@@ -50,9 +51,9 @@ from flax import traverse_util
 # ---------------------------------------------------------------------------------------------
 # Constants (lpips==0.1.4 and torchvision's vgg16 "D" configuration)
 
-SHIFT = (-0.030, -0.088, -0.188)   # lpips.ScalingLayer.shift
-SCALE = (0.458, 0.448, 0.450)      # lpips.ScalingLayer.scale
-NORM_EPS = 1e-10                   # lpips.normalize_tensor
+SHIFT = (-0.030, -0.088, -0.188)  # lpips.ScalingLayer.shift
+SCALE = (0.458, 0.448, 0.450)  # lpips.ScalingLayer.scale
+NORM_EPS = 1e-10  # lpips.normalize_tensor
 CHANNELS = (64, 128, 256, 512, 512)
 FEATURE_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 # (block, convs per block, width): conv3-64 ×2, pool, conv3-128 ×2, pool, conv3-256 ×3, pool,
@@ -60,11 +61,19 @@ FEATURE_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 VGG16_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 # Index of each conv in torchvision's `vgg16().features` (ReLUs and pools fill the gaps).
 VGG16_FEATURE_INDEX = {
-    "conv1_1": 0, "conv1_2": 2,
-    "conv2_1": 5, "conv2_2": 7,
-    "conv3_1": 10, "conv3_2": 12, "conv3_3": 14,
-    "conv4_1": 17, "conv4_2": 19, "conv4_3": 21,
-    "conv5_1": 24, "conv5_2": 26, "conv5_3": 28,
+    "conv1_1": 0,
+    "conv1_2": 2,
+    "conv2_1": 5,
+    "conv2_2": 7,
+    "conv3_1": 10,
+    "conv3_2": 12,
+    "conv3_3": 14,
+    "conv4_1": 17,
+    "conv4_2": 19,
+    "conv4_3": 21,
+    "conv5_1": 24,
+    "conv5_2": 26,
+    "conv5_3": 28,
 }
 
 LPIPS_WHEEL = "lpips==0.1.4"
@@ -78,12 +87,13 @@ HEADS_NPZ = "lpips_v0.1_vgg_heads.npz"
 VGG_HOWTO = (
     "LPIPS(VGG) needs torchvision's ImageNet VGG16 weights, which no package ships and "
     "cm_jax does not download. On a machine with internet and torchvision, save them with\n"
-    "    python -c \"import torch, torchvision; torch.save(torchvision.models.vgg16("
+    '    python -c "import torch, torchvision; torch.save(torchvision.models.vgg16('
     "weights='IMAGENET1K_V1').state_dict(), 'vgg16.pth')\"\n"
     "then either point --config.loss.lpips_vgg_path at vgg16.pth (torch is then needed to read "
     "it), or convert it once (torch needed only there):\n"
     "    python -m cm_jax.lpips convert --vgg vgg16.pth --out lpips_vgg.npz\n"
-    "and point --config.loss.lpips_vgg_path at lpips_vgg.npz.")
+    "and point --config.loss.lpips_vgg_path at lpips_vgg.npz."
+)
 
 
 class LPIPSWeightsError(FileNotFoundError):
@@ -126,8 +136,13 @@ class VGG16Features(nn.Module):
             if block > 1:
                 x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
             for i in range(1, convs + 1):
-                x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), precision=self.precision,
-                            name=f"conv{block}_{i}")(x)
+                x = nn.Conv(
+                    width,
+                    (3, 3),
+                    padding=((1, 1), (1, 1)),
+                    precision=self.precision,
+                    name=f"conv{block}_{i}",
+                )(x)
                 x = nn.relu(x)
             taps.append(x)
         return taps
@@ -151,8 +166,10 @@ class LPIPS(nn.Module):
 
     @nn.compact
     def __call__(self, x, y):
-        heads = [self.param(f"lin{k}", nn.initializers.ones, (c,), jnp.float32)
-                 for k, c in enumerate(CHANNELS)]
+        heads = [
+            self.param(f"lin{k}", nn.initializers.ones, (c,), jnp.float32)
+            for k, c in enumerate(CHANNELS)
+        ]
         vgg = VGG16Features(self.precision, name="vgg")
         # Two passes, not one over the concatenated batch: in the consistency losses y is the
         # stop-gradient target, and a joint pass would carry its (zero) tangents through the
@@ -173,8 +190,9 @@ def lpips_distance(params, x, y, resize_to=224, precision=None):
     gives full float32, as on CPUs.
     """
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"LPIPS takes two [B, H, W, 3] arrays of one shape, got {x.shape} "
-                         f"and {y.shape}.")
+        raise ValueError(
+            f"LPIPS takes two [B, H, W, 3] arrays of one shape, got {x.shape} and {y.shape}."
+        )
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
     b, h, w, c = x.shape
@@ -200,7 +218,7 @@ def init_params(seed=0):
     for name, shape in sorted(param_shapes().items()):
         if name.endswith("kernel"):
             std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[2]))
-            params[name] = (rng.standard_normal(shape, np.float32) * np.float32(std))
+            params[name] = rng.standard_normal(shape, np.float32) * np.float32(std)
         elif name.endswith("bias"):
             params[name] = np.zeros(shape, np.float32)
         else:
@@ -219,16 +237,19 @@ def _torch_load(path):
         raise LPIPSWeightsError(
             f"Reading {path} (a PyTorch file) needs torch: `pip install torch` (a CPU build is "
             f"enough), or convert it where torch is installed with `python -m cm_jax.lpips "
-            f"convert` and use the npz.") from e
+            f"convert` and use the npz."
+        ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # A pickled whole model, a truncated file, …
         raise LPIPSWeightsError(
             f"Could not read {path} as a PyTorch state dict ({type(e).__name__}: {e}). It must be "
-            f"a state dict saved with torch.save(model.state_dict(), path).\n{VGG_HOWTO}") from e
+            f"a state dict saved with torch.save(model.state_dict(), path).\n{VGG_HOWTO}"
+        ) from e
     if not isinstance(obj, dict):
-        raise LPIPSWeightsError(f"{path} holds a {type(obj).__name__}, not a state dict.\n"
-                                f"{VGG_HOWTO}")
+        raise LPIPSWeightsError(
+            f"{path} holds a {type(obj).__name__}, not a state dict.\n{VGG_HOWTO}"
+        )
     return {k: v.detach().float().cpu().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
 
 
@@ -255,7 +276,8 @@ def vgg_params_from_state_dict(state_dict):
     if missing:
         raise LPIPSWeightsError(
             f"Not a torchvision vgg16 state dict: no weight/bias for {', '.join(missing)} "
-            f"(found {len(state_dict)} entries).\n{VGG_HOWTO}")
+            f"(found {len(state_dict)} entries).\n{VGG_HOWTO}"
+        )
     return params
 
 
@@ -266,8 +288,9 @@ def heads_from_state_dict(state_dict):
     for k, c in enumerate(CHANNELS):
         w = state_dict.get(f"lin{k}.model.1.weight", state_dict.get(f"lin{k}.model.0.weight"))
         if w is None:
-            raise LPIPSWeightsError(f"No LPIPS head lin{k} in the state dict (keys: "
-                                    f"{sorted(state_dict)[:8]} …).")
+            raise LPIPSWeightsError(
+                f"No LPIPS head lin{k} in the state dict (keys: {sorted(state_dict)[:8]} …)."
+            )
         heads[f"lin{k}"] = np.asarray(w, np.float32).reshape(c)
     return heads
 
@@ -283,15 +306,20 @@ def _check(params, what):
     """Every expected array there, with its shape; the heads non-negative."""
     flat = traverse_util.flatten_dict(params, sep="/")
     want = param_shapes()
-    wrong = [f"{k}: {tuple(np.shape(flat[k])) if k in flat else 'missing'} (want {s})"
-             for k, s in want.items() if k not in flat or tuple(np.shape(flat[k])) != s]
+    wrong = [
+        f"{k}: {tuple(np.shape(flat[k])) if k in flat else 'missing'} (want {s})"
+        for k, s in want.items()
+        if k not in flat or tuple(np.shape(flat[k])) != s
+    ]
     if wrong:
-        raise LPIPSWeightsError(f"{what} does not hold LPIPS(VGG16) weights: "
-                                + "; ".join(wrong[:5]))
+        raise LPIPSWeightsError(
+            f"{what} does not hold LPIPS(VGG16) weights: " + "; ".join(wrong[:5])
+        )
     for k in range(len(CHANNELS)):
         if np.any(np.asarray(params[f"lin{k}"]) < 0):
-            raise LPIPSWeightsError(f"{what}: head lin{k} has negative weights; LPIPS heads "
-                                    f"are non-negative.")
+            raise LPIPSWeightsError(
+                f"{what}: head lin{k} has negative weights; LPIPS heads are non-negative."
+            )
     return params
 
 
@@ -309,8 +337,9 @@ def load_npz(path):
 
 
 def default_cache_dir():
-    return os.environ.get("CM_JAX_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "cm_jax", "lpips"))
+    return os.environ.get(
+        "CM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cm_jax", "lpips")
+    )
 
 
 def _heads_from_wheel(cache_dir):
@@ -324,18 +353,29 @@ def _heads_from_wheel(cache_dir):
     os.makedirs(cache_dir, exist_ok=True)
 
     def wheels():
-        return [f for f in os.listdir(cache_dir)
-                if f.startswith("lpips-0.1.4") and f.endswith(".whl")]
+        return [
+            f for f in os.listdir(cache_dir) if f.startswith("lpips-0.1.4") and f.endswith(".whl")
+        ]
 
     if not wheels():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "-d", cache_dir, LPIPS_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            cache_dir,
+            LPIPS_WHEEL,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 or not wheels():
             raise LPIPSWeightsError(
                 f"Could not get the LPIPS heads: `{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}\n"
                 f"Give them with lin_path= (lpips' {LPIPS_WHEEL_HEADS}) or use an npz made by "
-                f"`python -m cm_jax.lpips convert`.")
+                f"`python -m cm_jax.lpips convert`."
+            )
     tmpdir = tempfile.mkdtemp(dir=cache_dir)
     with zipfile.ZipFile(os.path.join(cache_dir, wheels()[0])) as z:
         return z.extract(LPIPS_WHEEL_HEADS, tmpdir), tmpdir
@@ -351,8 +391,11 @@ def load_heads(lin_path=None, cache_dir=None):
     if lin_path:
         if not os.path.exists(lin_path):
             raise LPIPSWeightsError(f"LPIPS heads file {lin_path} does not exist.")
-        heads = (load_npz(lin_path) if lin_path.endswith(".npz")
-                 else heads_from_state_dict(_torch_load(lin_path)))
+        heads = (
+            load_npz(lin_path)
+            if lin_path.endswith(".npz")
+            else heads_from_state_dict(_torch_load(lin_path))
+        )
         heads = {f"lin{k}": np.asarray(heads[f"lin{k}"], np.float32) for k in range(5)}
     else:
         cache_dir = cache_dir or default_cache_dir()
@@ -371,8 +414,10 @@ def load_heads(lin_path=None, cache_dir=None):
             save_npz(heads, cached)
         heads = {f"lin{k}": np.asarray(heads[f"lin{k}"], np.float32) for k in range(5)}
         if heads_fingerprint(heads) != LPIPS_HEADS_VALUES_SHA256:
-            raise LPIPSWeightsError(f"The cached heads in {cache_dir} are not the LPIPS v0.1 VGG "
-                                    f"heads; delete {HEADS_NPZ} there.")
+            raise LPIPSWeightsError(
+                f"The cached heads in {cache_dir} are not the LPIPS v0.1 VGG "
+                f"heads; delete {HEADS_NPZ} there."
+            )
     return heads
 
 
@@ -385,15 +430,18 @@ def load_lpips_params(vgg_path, lin_path=None, cache_dir=None):
     LPIPSWeightsError saying how to make the file.
     """
     if not vgg_path:
-        raise LPIPSWeightsError(f"No VGG16 weights given for LPIPS (loss.lpips_vgg_path is "
-                                f"empty).\n{VGG_HOWTO}")
+        raise LPIPSWeightsError(
+            f"No VGG16 weights given for LPIPS (loss.lpips_vgg_path is empty).\n{VGG_HOWTO}"
+        )
     if not os.path.exists(vgg_path):
         raise LPIPSWeightsError(f"The VGG16 weights file {vgg_path} does not exist.\n{VGG_HOWTO}")
     if vgg_path.endswith(".npz"):
         params = load_npz(vgg_path)
         if "vgg" not in params:
-            raise LPIPSWeightsError(f"{vgg_path} has no vgg/… arrays; make it with "
-                                    f"`python -m cm_jax.lpips convert`.\n{VGG_HOWTO}")
+            raise LPIPSWeightsError(
+                f"{vgg_path} has no vgg/… arrays; make it with "
+                f"`python -m cm_jax.lpips convert`.\n{VGG_HOWTO}"
+            )
     else:
         params = {"vgg": vgg_params_from_state_dict(_torch_load(vgg_path))}
     if lin_path or any(f"lin{k}" not in params for k in range(5)):
@@ -409,16 +457,20 @@ def convert(vgg_path, out_path, lin_path=None, cache_dir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m cm_jax.lpips",
-                                     description="LPIPS(VGG16) weights for cm_jax.")
+    parser = argparse.ArgumentParser(
+        prog="python -m cm_jax.lpips", description="LPIPS(VGG16) weights for cm_jax."
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     conv = sub.add_parser("convert", help="torchvision vgg16 state dict (+ lpips heads) → npz")
-    conv.add_argument("--vgg", required=True,
-                      help="torch.save(torchvision.models.vgg16(weights='IMAGENET1K_V1')"
-                           ".state_dict(), PATH)")
+    conv.add_argument(
+        "--vgg",
+        required=True,
+        help="torch.save(torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict(), PATH)",
+    )
     conv.add_argument("--out", required=True, help="the npz to write")
-    conv.add_argument("--lin", default=None,
-                      help="lpips' weights/v0.1/vgg.pth (default: from the lpips wheel)")
+    conv.add_argument(
+        "--lin", default=None, help="lpips' weights/v0.1/vgg.pth (default: from the lpips wheel)"
+    )
     conv.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     try:
@@ -427,8 +479,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.out}: {n:,} values (VGG16 trunk to relu5_3 and the 5 LPIPS v0.1 heads; "
-          f"heads sha256 {heads_fingerprint(params)[:12]}…)")
+    print(
+        f"wrote {args.out}: {n:,} values (VGG16 trunk to relu5_3 and the 5 LPIPS v0.1 heads; "
+        f"heads sha256 {heads_fingerprint(params)[:12]}…)"
+    )
     return 0
 
 

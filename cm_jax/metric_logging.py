@@ -5,6 +5,7 @@ installed, scalars go to TensorBoard events and the console through clu; where i
 GPU image, a slim install), they go to the console through absl logging. Every run also appends
 to `workdir/metrics.jsonl`, which needs nothing and is easy to parse.
 """
+
 import json
 import math
 import os
@@ -72,8 +73,11 @@ def create_writer(workdir):
     except ImportError:
         writers.append(ConsoleWriter())
     else:
-        writers.append(metric_writers.create_default_writer(
-            os.path.join(workdir, "tensorboard"), asynchronous=False))
+        writers.append(
+            metric_writers.create_default_writer(
+                os.path.join(workdir, "tensorboard"), asynchronous=False
+            )
+        )
     return MultiWriter(writers)
 
 
@@ -85,7 +89,7 @@ def image_grid(images_uint8, num_columns=None):
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for k in range(n):
         r, q = divmod(k, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images_uint8[k]
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = images_uint8[k]
     return grid
 
 

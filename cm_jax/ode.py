@@ -2,6 +2,7 @@
 from σ_from to σ_to, for any denoiser D. Consistency distillation takes one such step with the
 teacher (CM Algorithm 2, the solver Φ); the EDM samplers chain them.
 """
+
 import jax.numpy as jnp
 
 from cm_jax import karras

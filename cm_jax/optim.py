@@ -4,13 +4,15 @@ Warm-up and gradient clipping apply to every optimizer when set (the official CM
 ignored both on its RAdam path; here a configured value always takes effect, and the paper
 configs set them to 0 where the paper used none).
 """
+
 import optax
 
 OPTIMIZERS = {
     "adam": lambda lr, c: optax.adam(lr, b1=c.beta1, b2=c.beta2, eps=c.eps),
     "radam": lambda lr, c: optax.radam(lr, b1=c.beta1, b2=c.beta2, eps=c.eps),
-    "adamw": lambda lr, c: optax.adamw(lr, b1=c.beta1, b2=c.beta2, eps=c.eps,
-                                       weight_decay=c.weight_decay),
+    "adamw": lambda lr, c: optax.adamw(
+        lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay
+    ),
 }
 
 
@@ -23,7 +25,8 @@ def learning_rate_schedule(optim_config):
 
 
 def make_optimizer(optim_config):
-    """(optax transformation, lr schedule). Clipping by global norm comes first when grad_clip > 0."""
+    """(optax transformation, lr schedule). Clipping by global norm comes first when
+    grad_clip > 0."""
     c = optim_config
     if c.name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {c.name!r}: use one of {sorted(OPTIMIZERS)}.")

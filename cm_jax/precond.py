@@ -5,6 +5,7 @@ mixed with the input by c_skip and c_out. The EDM denoiser D_θ and the consiste
 differ only in their scalings, so both go through `_precondition`; sCM's TrigFlow velocity is
 the same network read in other coordinates (`trigflow_velocity`).
 """
+
 import jax.numpy as jnp
 
 from cm_jax import karras, trigflow
@@ -26,22 +27,34 @@ def _precondition(net, params, x, sigma, scalings, labels, train, dropout_rng):
     return karras.per_example(s.c_skip, x) * x + karras.per_example(s.c_out, x) * out
 
 
-def edm_denoiser(net, params, x, sigma, labels=None, *, sigma_data=0.5, train=False,
-                 dropout_rng=None):
+def edm_denoiser(
+    net, params, x, sigma, labels=None, *, sigma_data=0.5, train=False, dropout_rng=None
+):
     """D_θ(x; σ) with EDM preconditioning (Karras et al. 2022, Eq. 7 and Table 1)."""
     scalings = lambda s: karras.edm_scalings(s, sigma_data)
     return _precondition(net, params, x, sigma, scalings, labels, train, dropout_rng)
 
 
-def consistency_fn(net, params, x, sigma, labels=None, *, sigma_data=0.5, sigma_min=0.002,
-                   train=False, dropout_rng=None):
+def consistency_fn(
+    net,
+    params,
+    x,
+    sigma,
+    labels=None,
+    *,
+    sigma_data=0.5,
+    sigma_min=0.002,
+    train=False,
+    dropout_rng=None,
+):
     """f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in·x, c_noise), with f_θ(x, σ_min) = x (CM §3)."""
     scalings = lambda s: karras.consistency_scalings(s, sigma_data, sigma_min)
     return _precondition(net, params, x, sigma, scalings, labels, train, dropout_rng)
 
 
-def trigflow_velocity(net, params, x_t, t, labels=None, *, sigma_data=0.5, train=False,
-                      dropout_rng=None):
+def trigflow_velocity(
+    net, params, x_t, t, labels=None, *, sigma_data=0.5, train=False, dropout_rng=None
+):
     """sCM's F_θ(x_t/σ_d, t) (Lu & Song 2025, TrigFlow) of an EDM-preconditioned network.
 
     TrigFlow's x_t = cos(t)·x_0 + sin(t)·z, z ~ N(0, σ_d²I), is EDM's x_σ = x_0 + σ·n scaled by
@@ -51,6 +64,7 @@ def trigflow_velocity(net, params, x_t, t, labels=None, *, sigma_data=0.5, train
     cancellation at small t. t is [B] and differentiable (sCM's tangent takes a JVP in t).
     """
     sigma = trigflow.sigma_from_time(t, sigma_data)
-    out = _apply(net, params, x_t / sigma_data, karras.noise_conditioning(sigma), labels, train,
-                 dropout_rng)
+    out = _apply(
+        net, params, x_t / sigma_data, karras.noise_conditioning(sigma), labels, train, dropout_rng
+    )
     return -out

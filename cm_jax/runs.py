@@ -1,6 +1,7 @@
 """A finished (or running) training run, read back from its workdir: the config it wrote and
 the state of one of its checkpoints. Teachers, samplers and evaluators start here.
 """
+
 import json
 import os
 
@@ -21,8 +22,10 @@ def split_checkpoint_path(path, step=None):
     if os.path.basename(parent) != "checkpoints" or not name.isdigit():
         return path, step
     if step and int(step) != int(name):
-        raise RunError(f"{path!r} is the checkpoint of step {name}, but step {step} was asked "
-                       f"for: give the run's workdir, or leave the step at 0.")
+        raise RunError(
+            f"{path!r} is the checkpoint of step {name}, but step {step} was asked "
+            f"for: give the run's workdir, or leave the step at 0."
+        )
     return os.path.dirname(parent), int(name)
 
 
@@ -59,6 +62,7 @@ def ema_params(config, state, rate=None):
     """The evaluation EMA with `rate` (None or 0: the run's first)."""
     rate = rate or config.train.ema_rates[0]
     if ema_key(rate) not in state.ema_params:
-        raise RunError(f"The run has no EMA with rate {rate}; it has "
-                       f"{list(config.train.ema_rates)}.")
+        raise RunError(
+            f"The run has no EMA with rate {rate}; it has {list(config.train.ema_rates)}."
+        )
     return state.ema_params[ema_key(rate)]

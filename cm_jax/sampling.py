@@ -15,6 +15,7 @@ The module reads top to bottom:
    S_churn = 0) over any denoiser, `edm_heun_sample` and `edm_euler_sample` over a network.
 5. `pd_sample`: the N Euler steps a progressive-distillation student was trained to take.
 """
+
 import math
 
 import jax
@@ -50,7 +51,8 @@ def per_sample_keys(noise_rng, batch_size):
     if keys.shape != (batch_size,):
         raise ValueError(
             f"noise_rng must hold one key per sample ({batch_size}; see sample_keys), got "
-            f"{keys.shape[0] if keys.ndim else 'a single key'} (key shape {keys.shape})")
+            f"{keys.shape[0] if keys.ndim else 'a single key'} (key shape {keys.shape})"
+        )
     return keys
 
 
@@ -104,7 +106,8 @@ def _check_indices(ts, num_scales):
         raise ValueError(f"sampling indices ts must be strictly increasing, got {ts}")
     if ts[-1] > num_scales - 1:
         raise ValueError(
-            f"sampling indices ts must lie in [0, N−1] = [0, {num_scales - 1}], got {ts}")
+            f"sampling indices ts must lie in [0, N−1] = [0, {num_scales - 1}], got {ts}"
+        )
     return ts
 
 
@@ -128,7 +131,8 @@ def validate_sigmas(sigmas, sigma_max=None, sigma_min=None):
         raise ValueError(f"sampling time points must be strictly decreasing, got {shown}")
     if sigma_max is not None and values[0] > sigma_max * (1 + _ROUNDING):
         raise ValueError(
-            f"the first sampling time point must be ≤ σ_max = {sigma_max}, got {shown}")
+            f"the first sampling time point must be ≤ σ_max = {sigma_max}, got {shown}"
+        )
     if sigma_min is not None and values[-1] < sigma_min * (1 - _ROUNDING):
         raise ValueError(f"sampling time points must be ≥ σ_min = {sigma_min}, got {shown}")
     return values.astype(np.float32)
@@ -150,12 +154,14 @@ def time_points(sigmas, sigma_max=None, sigma_min=None):
 
 def bind_consistency_fn(net, params, labels=None, *, sigma_data=0.5, sigma_min=0.002):
     """f_θ(x, σ) as a function of (x, σ) alone, for `consistency_steps` and editing.py."""
-    return lambda x, sigma: precond.consistency_fn(net, params, x, sigma, labels,
-                                                   sigma_data=sigma_data, sigma_min=sigma_min)
+    return lambda x, sigma: precond.consistency_fn(
+        net, params, x, sigma, labels, sigma_data=sigma_data, sigma_min=sigma_min
+    )
 
 
-def consistency_steps(consistency_fn, x, sigmas, noise_rng=None, *, sigma_min=0.002, clip=True,
-                      project=None):
+def consistency_steps(
+    consistency_fn, x, sigmas, noise_rng=None, *, sigma_min=0.002, clip=True, project=None
+):
     """CM Algorithm 1 from an x already noisy at σ_0 = sigmas[0].
 
     x0 = f(x, σ_0); then for each later σ_n: x = x0 + √(σ_n² − σ_min²)·z_n, x0 = f(x, σ_n).
@@ -174,8 +180,10 @@ def consistency_steps(consistency_fn, x, sigmas, noise_rng=None, *, sigma_min=0.
     if sigmas.shape[0] == 1:
         return x0
     if noise_rng is None:
-        raise ValueError(f"{sigmas.shape[0]} time points need noise_rng (one key per sample) "
-                         "for the noise between steps")
+        raise ValueError(
+            f"{sigmas.shape[0]} time points need noise_rng (one key per sample) "
+            "for the noise between steps"
+        )
     keys = per_sample_keys(noise_rng, x.shape[0])
 
     def step(x0, inputs):
@@ -189,16 +197,27 @@ def consistency_steps(consistency_fn, x, sigmas, noise_rng=None, *, sigma_min=0.
     return x0
 
 
-def onestep_sample(net, params, z, labels=None, *, sigma_max=80.0, sigma_min=0.002,
-                   sigma_data=0.5):
+def onestep_sample(net, params, z, labels=None, *, sigma_max=80.0, sigma_min=0.002, sigma_data=0.5):
     """x = f_θ(σ_max·z, σ_max): one network evaluation (CM Algorithm 1 with a single step)."""
-    x = precond.consistency_fn(net, params, sigma_max * z, sigma_max, labels,
-                               sigma_data=sigma_data, sigma_min=sigma_min)
+    x = precond.consistency_fn(
+        net, params, sigma_max * z, sigma_max, labels, sigma_data=sigma_data, sigma_min=sigma_min
+    )
     return jnp.clip(x, -1.0, 1.0)
 
 
-def multistep_sample(net, params, z, sigmas, labels=None, *, noise_rng=None, sigma_min=0.002,
-                     sigma_data=0.5, sigma_max=None, clip=True):
+def multistep_sample(
+    net,
+    params,
+    z,
+    sigmas,
+    labels=None,
+    *,
+    noise_rng=None,
+    sigma_min=0.002,
+    sigma_data=0.5,
+    sigma_max=None,
+    clip=True,
+):
     """CM Algorithm 1: x = σ_0·z, then `consistency_steps` over sigmas (e.g. [80.0, 0.821]).
 
     len(sigmas) network evaluations; one σ is `onestep_sample` exactly. noise_rng: one key per
@@ -207,8 +226,7 @@ def multistep_sample(net, params, z, sigmas, labels=None, *, noise_rng=None, sig
     """
     sigmas = time_points(sigmas, sigma_max, sigma_min)
     f = bind_consistency_fn(net, params, labels, sigma_data=sigma_data, sigma_min=sigma_min)
-    return consistency_steps(f, sigmas[0] * z, sigmas, noise_rng, sigma_min=sigma_min,
-                             clip=clip)
+    return consistency_steps(f, sigmas[0] * z, sigmas, noise_rng, sigma_min=sigma_min, clip=clip)
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,13 +235,24 @@ def multistep_sample(net, params, z, sigmas, labels=None, *, noise_rng=None, sig
 
 
 def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM's time steps: the Karras grid descending from σ_max to σ_min, then σ_N = 0 (EDM Eq. 5)."""
+    """EDM's time steps: the Karras grid descending from σ_max to σ_min, then σ_N = 0
+    (EDM Eq. 5)."""
     sigmas = karras.karras_sigmas(num_steps, sigma_min, sigma_max, rho)[::-1]
     return jnp.concatenate([sigmas, jnp.zeros((1,), sigmas.dtype)])
 
 
-def edm_sample(denoise, z, sigmas, *, solver="heun", S_churn=0.0, S_tmin=0.0,
-               S_tmax=float("inf"), S_noise=1.0, noise_rng=None):
+def edm_sample(
+    denoise,
+    z,
+    sigmas,
+    *,
+    solver="heun",
+    S_churn=0.0,
+    S_tmin=0.0,
+    S_tmax=float("inf"),
+    S_noise=1.0,
+    noise_rng=None,
+):
     """EDM Algorithm 2 over any denoiser D(x, σ); with S_churn = 0 it is EDM Algorithm 1.
 
     sigmas: σ_0 > … > σ_{N−1} > σ_N = 0 (`edm_sigmas`); x_0 = σ_0·z. At each step the churn
@@ -242,6 +271,7 @@ def edm_sample(denoise, z, sigmas, *, solver="heun", S_churn=0.0, S_tmin=0.0,
         def body(x, i):
             x_hat, sigma_hat = churn(x, sigmas[i], i)
             return solve(denoise, x_hat, sigma_hat, sigmas[i + 1]), None
+
         return body
 
     x = sigmas[0] * z
@@ -272,35 +302,68 @@ def _churn_fn(z, num_steps, S_churn, S_tmin, S_tmax, S_noise, noise_rng):
     return churn
 
 
-def _edm_network_sample(solver, net, params, z, labels, num_steps, sigma_min, sigma_max, rho,
-                        sigma_data, churn_options):
+def _edm_network_sample(
+    solver, net, params, z, labels, num_steps, sigma_min, sigma_max, rho, sigma_data, churn_options
+):
     denoise = lambda x, s: precond.edm_denoiser(net, params, x, s, labels, sigma_data=sigma_data)
     sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
     return jnp.clip(edm_sample(denoise, z, sigmas, solver=solver, **churn_options), -1.0, 1.0)
 
 
-def edm_heun_sample(net, params, z, labels=None, *, num_steps=18, sigma_min=0.002,
-                    sigma_max=80.0, rho=7.0, sigma_data=0.5, S_churn=0.0, S_tmin=0.0,
-                    S_tmax=float("inf"), S_noise=1.0, noise_rng=None):
+def edm_heun_sample(
+    net,
+    params,
+    z,
+    labels=None,
+    *,
+    num_steps=18,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    sigma_data=0.5,
+    S_churn=0.0,
+    S_tmin=0.0,
+    S_tmax=float("inf"),
+    S_noise=1.0,
+    noise_rng=None,
+):
     """EDM's Heun sampler with the network as D_θ: 2·num_steps − 1 evaluations (35 for 18).
 
     Deterministic (EDM Algorithm 1) by default; S_churn > 0 adds EDM Algorithm 2's noise and
     needs noise_rng, one key per sample. Clipped to [−1, 1].
     """
-    churn = dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise,
-                 noise_rng=noise_rng)
-    return _edm_network_sample("heun", net, params, z, labels, num_steps, sigma_min, sigma_max,
-                               rho, sigma_data, churn)
+    churn = dict(
+        S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, noise_rng=noise_rng
+    )
+    return _edm_network_sample(
+        "heun", net, params, z, labels, num_steps, sigma_min, sigma_max, rho, sigma_data, churn
+    )
 
 
-def edm_euler_sample(net, params, z, labels=None, *, num_steps=18, sigma_min=0.002,
-                     sigma_max=80.0, rho=7.0, sigma_data=0.5, S_churn=0.0, S_tmin=0.0,
-                     S_tmax=float("inf"), S_noise=1.0, noise_rng=None):
+def edm_euler_sample(
+    net,
+    params,
+    z,
+    labels=None,
+    *,
+    num_steps=18,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    sigma_data=0.5,
+    S_churn=0.0,
+    S_tmin=0.0,
+    S_tmax=float("inf"),
+    S_noise=1.0,
+    noise_rng=None,
+):
     """EDM's sampler with first-order Euler steps: num_steps evaluations. Options as Heun's."""
-    churn = dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise,
-                 noise_rng=noise_rng)
-    return _edm_network_sample("euler", net, params, z, labels, num_steps, sigma_min, sigma_max,
-                               rho, sigma_data, churn)
+    churn = dict(
+        S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, noise_rng=noise_rng
+    )
+    return _edm_network_sample(
+        "euler", net, params, z, labels, num_steps, sigma_min, sigma_max, rho, sigma_data, churn
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,8 +371,18 @@ def edm_euler_sample(net, params, z, labels=None, *, num_steps=18, sigma_min=0.0
 # ----------------------------------------------------------------------------------------
 
 
-def pd_sample(net, params, z, labels=None, *, num_steps, sigma_min=0.002, sigma_max=80.0,
-              rho=7.0, sigma_data=0.5):
+def pd_sample(
+    net,
+    params,
+    z,
+    labels=None,
+    *,
+    num_steps,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    sigma_data=0.5,
+):
     """A PD student's sampler (the official `progressive_distillation` sampler): x = σ_max·z,
     then num_steps deterministic Euler steps of D_θ down the (num_steps + 1)-point Karras grid
     to σ_min, the grid the student was trained on (losses.progressive_distillation_loss).

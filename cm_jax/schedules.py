@@ -13,6 +13,7 @@ All functions are jit-safe in the step k and in N (integers may be traced), beca
 during training and recompiling for every value would be wasteful. The grid is ascending
 (see karras.py): the student sits at σ_{i+1}, the target at σ_i.
 """
+
 import math
 
 import jax
@@ -85,8 +86,10 @@ def ict_stage_length(total_steps, s0=10, s1=1280):
 def check_pd_schedule(start_scales, stage_steps):
     """One clear error for a PD curriculum that cannot halve down to one step."""
     if start_scales < 2 or start_scales & (start_scales - 1):
-        raise ValueError(f"schedule.pd_start_scales={start_scales} must be a power of 2 ≥ 2, so "
-                         "that halving reaches one step.")
+        raise ValueError(
+            f"schedule.pd_start_scales={start_scales} must be a power of 2 ≥ 2, so "
+            "that halving reaches one step."
+        )
     if stage_steps < 1:
         raise ValueError(f"schedule.pd_stage_steps={stage_steps} must be at least 1.")
 
@@ -96,13 +99,13 @@ def _pd_stage_bounds(k, start_scales, stage_steps):
     check_pd_schedule(start_scales, stage_steps)
     log2_start = int(math.log2(start_scales))
     k = jnp.asarray(k, jnp.int32)
-    halving_end = (log2_start - 1) * stage_steps       # N = 2 starts here
-    final_start = (log2_start + 1) * stage_steps       # N = 1 starts here
+    halving_end = (log2_start - 1) * stage_steps  # N = 2 starts here
+    final_start = (log2_start + 1) * stage_steps  # N = 1 starts here
     stage = jnp.minimum(k // stage_steps, log2_start)  # Capped: 2**stage stays in int32.
-    n = jnp.where(k < halving_end, start_scales // 2**stage,
-                  jnp.where(k < final_start, 2, 1))
-    first = jnp.where(k < halving_end, stage * stage_steps,
-                      jnp.where(k < final_start, halving_end, final_start))
+    n = jnp.where(k < halving_end, start_scales // 2**stage, jnp.where(k < final_start, 2, 1))
+    first = jnp.where(
+        k < halving_end, stage * stage_steps, jnp.where(k < final_start, halving_end, final_start)
+    )
     length = jnp.where(k < halving_end, stage_steps, 2 * stage_steps)
     return n.astype(jnp.int32), first, length
 
@@ -116,8 +119,7 @@ def pd_num_scales(k, start_scales=4096, stage_steps=50_000):
 def pd_learned_steps(k, start_scales=4096, stage_steps=50_000):
     """The steps the student has learned after k optimizer steps: N(k − 1), the N of the last
     step taken (sampling a checkpoint at a stage's end uses that stage's N)."""
-    return pd_num_scales(jnp.maximum(jnp.asarray(k, jnp.int32) - 1, 0), start_scales,
-                         stage_steps)
+    return pd_num_scales(jnp.maximum(jnp.asarray(k, jnp.int32) - 1, 0), start_scales, stage_steps)
 
 
 def pd_starts_stage(k, start_scales=4096, stage_steps=50_000):
@@ -187,7 +189,8 @@ def check_ect_schedule(ect_config, num_steps):
             f"ECT reaches stage {last_stage} of train.num_steps={num_steps}, where Δt/t = "
             f"q^-{last_stage + 1} = {smallest:.1e} is below float32's resolution "
             f"({_ECT_SMALLEST_RATIO:.0e}) and the target would equal the student: raise "
-            f"ect.stage_steps={c.stage_steps} or lower ect.q={c.q}.")
+            f"ect.stage_steps={c.stage_steps} or lower ect.q={c.q}."
+        )
 
 
 # --------------------------------------------------------------------------- any schedule
@@ -245,8 +248,9 @@ def lognormal_pair_logits(num_scales, max_scales, p_mean=-1.1, p_std=2.0, **grid
     return jnp.where(valid & (mass > 0), jnp.log(jnp.where(valid, mass, 1.0)), -jnp.inf)
 
 
-def sample_pair_index(rng, batch_size, num_scales, sampling, max_scales, p_mean=-1.1, p_std=2.0,
-                      **grid):
+def sample_pair_index(
+    rng, batch_size, num_scales, sampling, max_scales, p_mean=-1.1, p_std=2.0, **grid
+):
     """Draw i per example, so that the student uses σ_{i+1} and the target σ_i.
 
     sampling="uniform":   i ~ U{0..N−2} (CM Algorithms 2 and 3).
@@ -278,7 +282,8 @@ def pair_weight(sigma_lo, sigma_hi, weighting):
     if weighting == "truncated_snr":
         return jnp.maximum(snr, 1.0)
     raise ValueError(
-        f"Unknown weighting {weighting!r}: use uniform, ict, snr, snrp1 or truncated_snr.")
+        f"Unknown weighting {weighting!r}: use uniform, ict, snr, snrp1 or truncated_snr."
+    )
 
 
 # --------------------------------------------------------------------------- EDM teacher

@@ -2,6 +2,7 @@
 EMA, read from the workdir that trained it (its config.json says which network to build), or
 from one of its checkpoint folders (`<workdir>/checkpoints/<step>`).
 """
+
 import jax
 
 from cm_jax import runs
@@ -22,8 +23,10 @@ def load_teacher(teacher_config, mesh):
     except runs.RunError as e:
         raise TeacherError(f"teacher.workdir: {e}") from e
     if run_config.method != "edm":
-        raise TeacherError(f"teacher.workdir={workdir!r} trained method {run_config.method!r}; "
-                           "the teacher of CD, PD, ECT or sCM must be an EDM diffusion model "
-                           "(method 'edm').")
+        raise TeacherError(
+            f"teacher.workdir={workdir!r} trained method {run_config.method!r}; "
+            "the teacher of CD, PD, ECT or sCM must be an EDM diffusion model "
+            "(method 'edm')."
+        )
     del state
     return net, run_config, jax.block_until_ready(params)

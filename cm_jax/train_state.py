@@ -1,13 +1,15 @@
 """The train state and where it lives: a 1-D device mesh, batches split over "data", the state
 replicated. Shared by the trainer and by whatever loads a trained state (a teacher, a sampler).
 """
+
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cm_jax.models import uncertainty
 
@@ -20,12 +22,12 @@ METHODS_WITH_UNCERTAINTY = ("sct", "scd")
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array            # int32: optimizer steps taken
-    params: Any                # θ
-    target_params: Any         # θ⁻, None for methods without a target network
-    ema_params: dict           # {ema_key(r): θ_r} evaluation EMAs
+    step: jax.Array  # int32: optimizer steps taken
+    params: Any  # θ
+    target_params: Any  # θ⁻, None for methods without a target network
+    ema_params: dict  # {ema_key(r): θ_r} evaluation EMAs
     opt_state: Any
-    rng: jax.Array             # base key; step k draws from fold_in(rng, k)
+    rng: jax.Array  # base key; step k draws from fold_in(rng, k)
 
 
 def ema_key(rate):
@@ -41,8 +43,9 @@ def ema_update(average, new, rate):
 def create_mesh(devices=None):
     """All devices (of all hosts), or the given ones, on one data-parallel axis "data"."""
     devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
 
 
 def replicated(mesh):
@@ -85,7 +88,8 @@ def _state_initialiser(config, net, tx):
             target_params=params if has_target else None,
             ema_params={ema_key(r): params for r in config.train.ema_rates},
             opt_state=tx.init(params),
-            rng=state_rng)
+            rng=state_rng,
+        )
 
     return init
 
@@ -98,7 +102,8 @@ def init_train_state(config, net, tx, mesh, initial_params=None):
     """
     init = _state_initialiser(config, net, tx)
     return jax.jit(init, out_shardings=replicated(mesh))(
-        jax.random.PRNGKey(config.train.seed), initial_params)
+        jax.random.PRNGKey(config.train.seed), initial_params
+    )
 
 
 def abstract_train_state(config, net, tx, mesh):
@@ -107,7 +112,8 @@ def abstract_train_state(config, net, tx, mesh):
     init = _state_initialiser(config, net, tx)
     shapes = jax.eval_shape(init, jax.random.PRNGKey(config.train.seed), None)
     return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes)
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes
+    )
 
 
 def count_params(params):

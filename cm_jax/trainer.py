@@ -13,6 +13,7 @@ the global batch. The same code runs on 1 CPU, 8 fake CPU devices, a GPU, or a T
 (each host feeds its rows of the global batch; see data.py). With train.microbatches > 1 the
 gradient is accumulated over slices of the batch, for batches whose activations do not fit.
 """
+
 import os
 import signal
 import time
@@ -25,12 +26,31 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cm_jax import (checkpoint, data, losses, lpips, metric_logging, models, optim, sampling,
-                    schedules, teacher)
+from cm_jax import (
+    checkpoint,
+    data,
+    losses,
+    lpips,
+    metric_logging,
+    models,
+    optim,
+    sampling,
+    schedules,
+    teacher,
+)
 from cm_jax.models import uncertainty
-from cm_jax.train_state import (METHODS_WITH_UNCERTAINTY, batch_sharding, count_params,
-                                create_mesh, ema_key, ema_update, init_params, init_train_state,
-                                replicated, with_uncertainty_head)
+from cm_jax.train_state import (
+    METHODS_WITH_UNCERTAINTY,
+    batch_sharding,
+    count_params,
+    create_mesh,
+    ema_key,
+    ema_update,
+    init_params,
+    init_train_state,
+    replicated,
+    with_uncertainty_head,
+)
 
 
 # --------------------------------------------------------------------------- one step
@@ -50,8 +70,9 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
 
         def gradient(rows, key):
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (_, metrics), grads = grad_fn(state.params, state.target_params, rows, key,
-                                          state.step, frozen)
+            (_, metrics), grads = grad_fn(
+                state.params, state.target_params, rows, key, state.step, frozen
+            )
             return grads, metrics
 
         grads, metrics = accumulate_gradient(gradient, batch, rng, microbatches, mesh)
@@ -62,16 +83,22 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
             lr_factor = schedules.pd_lr_factor(state.step, sc.pd_start_scales, sc.pd_stage_steps)
             updates = jax.tree.map(lambda u: lr_factor * u, updates)
         params = optax.apply_updates(state.params, updates)
-        ema_params = {ema_key(r): ema_update(state.ema_params[ema_key(r)], params, r)
-                      for r in ema_rates}
+        ema_params = {
+            ema_key(r): ema_update(state.ema_params[ema_key(r)], params, r) for r in ema_rates
+        }
         target_params = state.target_params
         if target_params is not None and not staged:  # PD holds θ⁻ (μ = 1) within a stage.
             _, mu = schedules.num_scales_and_target_ema(state.step, config.schedule, total_steps)
             target_params = ema_update(target_params, params, mu)
             metrics["target_ema"] = mu
         metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step) * lr_factor)
-        new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
-                                  ema_params=ema_params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            target_params=target_params,
+            ema_params=ema_params,
+            opt_state=opt_state,
+        )
         return new_state, metrics
 
     def multi_step(state, batches, frozen):
@@ -79,10 +106,12 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
         return state, jax.tree.map(jnp.mean, metrics)
 
     spc = config.train.steps_per_call
-    return jax.jit(one_step if spc == 1 else multi_step,
-                   in_shardings=(replicated(mesh), batch_sharding(mesh, spc), replicated(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)),
-                   donate_argnums=0)
+    return jax.jit(
+        one_step if spc == 1 else multi_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh, spc), replicated(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def accumulate_gradient(gradient, batch, rng, microbatches, mesh):
@@ -108,13 +137,15 @@ def accumulate_gradient(gradient, batch, rng, microbatches, mesh):
         grads, metrics = gradient(rows, jax.random.fold_in(rng, j))
         return jax.tree.map(jnp.add, total, grads), metrics
 
-    first_grads = jax.eval_shape(gradient, jax.tree.map(lambda x: x[::microbatches], batch),
-                                 rng)[0]
+    first_grads = jax.eval_shape(gradient, jax.tree.map(lambda x: x[::microbatches], batch), rng)[0]
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first_grads)
-    total, metrics = jax.lax.scan(add_slice, zeros,
-                                  (jnp.arange(microbatches), jax.tree.map(split, batch)))
-    return (jax.tree.map(lambda g: g / microbatches, total),
-            jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
+    total, metrics = jax.lax.scan(
+        add_slice, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch))
+    )
+    return (
+        jax.tree.map(lambda g: g / microbatches, total),
+        jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics),
+    )
 
 
 def _start_pd_stage_if_due(state, tx, schedule_config):
@@ -122,8 +153,11 @@ def _start_pd_stage_if_due(state, tx, schedule_config):
     the evaluation EMAs restarted from θ, as the official `reset_training_for_progdist`."""
     c = schedule_config
     due = schedules.pd_starts_stage(state.step, c.pd_start_scales, c.pd_stage_steps)
-    restarted = lambda s: s.replace(target_params=s.params, opt_state=tx.init(s.params),
-                                    ema_params={key: s.params for key in s.ema_params})
+    restarted = lambda s: s.replace(
+        target_params=s.params,
+        opt_state=tx.init(s.params),
+        ema_params={key: s.params for key in s.ema_params},
+    )
     return jax.lax.cond(due, restarted, lambda s: s, state)
 
 
@@ -136,19 +170,28 @@ def make_sample_fn(config, net):
     shape = (n, config.data.image_size, config.data.image_size, config.data.num_channels)
     z = jax.random.normal(jax.random.PRNGKey(config.train.sample_seed), shape)
     labels = (jnp.arange(n) % config.model.num_classes) if config.model.num_classes > 0 else None
-    grid = dict(sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho,
-                sigma_data=kc.sigma_data)
+    grid = dict(
+        sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho, sigma_data=kc.sigma_data
+    )
     sc = config.schedule
 
     def sampler(params, step):
         if config.method == "edm":
-            return sampling.edm_heun_sample(net, params, z, labels,
-                                            num_steps=config.edm.sample_steps, **grid)
+            return sampling.edm_heun_sample(
+                net, params, z, labels, num_steps=config.edm.sample_steps, **grid
+            )
         if config.method == "pd":
             num_steps = schedules.pd_learned_steps(step, sc.pd_start_scales, sc.pd_stage_steps)
             return sampling.pd_sample(net, params, z, labels, num_steps=num_steps, **grid)
-        return sampling.onestep_sample(net, params, z, labels, sigma_max=kc.sigma_max,
-                                       sigma_min=kc.sigma_min, sigma_data=kc.sigma_data)
+        return sampling.onestep_sample(
+            net,
+            params,
+            z,
+            labels,
+            sigma_max=kc.sigma_max,
+            sigma_min=kc.sigma_min,
+            sigma_data=kc.sigma_data,
+        )
 
     return jax.jit(lambda params, step: data.to_uint8(sampler(params, step)))
 
@@ -173,37 +216,50 @@ def validate_config(config):
     """One clear error for settings the loop cannot honour, before anything is compiled."""
     t = config.train
     if t.batch_size % jax.device_count():
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the "
-                         f"{jax.device_count()} devices.")
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by the {jax.device_count()} devices."
+        )
     if t.steps_per_call < 1:
         raise ValueError(f"train.steps_per_call={t.steps_per_call} must be at least 1.")
     if t.microbatches < 1 or t.batch_size % (t.microbatches * jax.device_count()):
-        raise ValueError(f"train.microbatches={t.microbatches} must be at least 1 and divide "
-                         f"the {t.batch_size // jax.device_count()} rows of the batch each of "
-                         f"the {jax.device_count()} devices holds "
-                         f"(train.batch_size={t.batch_size}).")
-    for name, least in (("num_steps", 1), ("log_every", 1), ("save_every", 1),
-                        ("sample_every", 0), ("fid_every", 0)):
+        raise ValueError(
+            f"train.microbatches={t.microbatches} must be at least 1 and divide "
+            f"the {t.batch_size // jax.device_count()} rows of the batch each of "
+            f"the {jax.device_count()} devices holds "
+            f"(train.batch_size={t.batch_size})."
+        )
+    for name, least in (
+        ("num_steps", 1),
+        ("log_every", 1),
+        ("save_every", 1),
+        ("sample_every", 0),
+        ("fid_every", 0),
+    ):
         value = getattr(t, name)
         if value < least or value % t.steps_per_call:
-            raise ValueError(f"train.{name}={value} must be a multiple of "
-                             f"train.steps_per_call={t.steps_per_call} and at least {least}.")
+            raise ValueError(
+                f"train.{name}={value} must be a multiple of "
+                f"train.steps_per_call={t.steps_per_call} and at least {least}."
+            )
     if not t.ema_rates:
         raise ValueError("train.ema_rates is empty: give at least one evaluation EMA rate.")
     if any(not 0.0 <= r < 1.0 for r in t.ema_rates):
         raise ValueError(f"train.ema_rates={tuple(t.ema_rates)} must lie in [0, 1).")
     if (config.method == "pd") != (config.schedule.kind == "pd"):
-        raise ValueError(f"method={config.method!r} with schedule.kind={config.schedule.kind!r}: "
-                         "progressive distillation needs both to be 'pd' (configs/cifar10_pd.py).")
+        raise ValueError(
+            f"method={config.method!r} with schedule.kind={config.schedule.kind!r}: "
+            "progressive distillation needs both to be 'pd' (configs/cifar10_pd.py)."
+        )
     if config.method == "pd":
-        schedules.check_pd_schedule(config.schedule.pd_start_scales,
-                                    config.schedule.pd_stage_steps)
+        schedules.check_pd_schedule(config.schedule.pd_start_scales, config.schedule.pd_stage_steps)
     if config.method == "ect":
         schedules.check_ect_schedule(config.ect, t.num_steps)
         if config.teacher.init_student and not config.teacher.workdir:
-            raise ValueError("ECT starts from a pretrained diffusion model: set "
-                             "config.teacher.workdir to a method='edm' run, or "
-                             "config.teacher.init_student=False to train from scratch.")
+            raise ValueError(
+                "ECT starts from a pretrained diffusion model: set "
+                "config.teacher.workdir to a method='edm' run, or "
+                "config.teacher.init_student=False to train from scratch."
+            )
     if config.method in METHODS_WITH_UNCERTAINTY:  # sCT and sCD
         _check_scm_config(config)
 
@@ -211,34 +267,43 @@ def validate_config(config):
 def _check_scm_config(config):
     c = config.scm
     if config.method == "scd" and not config.teacher.workdir:
-        raise ValueError("sCD distils an EDM teacher: set config.teacher.workdir to a "
-                         "method='edm' run (configs/cifar10_edm.py:scm).")
+        raise ValueError(
+            "sCD distils an EDM teacher: set config.teacher.workdir to a "
+            "method='edm' run (configs/cifar10_edm.py:scm)."
+        )
     if config.method == "sct" and config.teacher.init_student and not config.teacher.workdir:
-        raise ValueError("sCT starts from a pretrained diffusion model, as in the paper: set "
-                         "config.teacher.workdir to a method='edm' run "
-                         "(configs/cifar10_edm.py:scm), or config.teacher.init_student=False "
-                         "to train from scratch.")
+        raise ValueError(
+            "sCT starts from a pretrained diffusion model, as in the paper: set "
+            "config.teacher.workdir to a method='edm' run "
+            "(configs/cifar10_edm.py:scm), or config.teacher.init_student=False "
+            "to train from scratch."
+        )
     if c.jvp not in ("autodiff", "finite_difference"):
         raise ValueError(f"scm.jvp={c.jvp!r}: use autodiff or finite_difference.")
     if c.jvp == "autodiff" and config.model.get("attention_impl") == "cudnn":
-        raise ValueError("scm.jvp='autodiff' needs forward-mode differentiation through the "
-                         "network, which cuDNN's fused attention (model.attention_impl='cudnn', "
-                         "a custom VJP) does not have: use the default attention or "
-                         "scm.jvp='finite_difference'.")
+        raise ValueError(
+            "scm.jvp='autodiff' needs forward-mode differentiation through the "
+            "network, which cuDNN's fused attention (model.attention_impl='cudnn', "
+            "a custom VJP) does not have: use the default attention or "
+            "scm.jvp='finite_difference'."
+        )
     if not 0 <= c.jvp_eps < 0.1:
         raise ValueError(f"scm.jvp_eps={c.jvp_eps} must lie in [0, 0.1) (0: by the dtype).")
     if c.tangent_norm not in ("rms", "l2"):
         raise ValueError(f"scm.tangent_norm={c.tangent_norm!r}: use rms or l2.")
     if c.tangent_norm_c <= 0 or c.tangent_warmup_steps < 0 or c.uncertainty_channels < 1:
-        raise ValueError(f"scm.tangent_norm_c={c.tangent_norm_c} must be > 0, "
-                         f"scm.tangent_warmup_steps={c.tangent_warmup_steps} ≥ 0 and "
-                         f"scm.uncertainty_channels={c.uncertainty_channels} ≥ 1.")
+        raise ValueError(
+            f"scm.tangent_norm_c={c.tangent_norm_c} must be > 0, "
+            f"scm.tangent_warmup_steps={c.tangent_warmup_steps} ≥ 0 and "
+            f"scm.uncertainty_channels={c.uncertainty_channels} ≥ 1."
+        )
 
 
 def uses_teacher(config):
     """CD, PD and sCD distil a teacher; ECT and sCT start from one unless init_student=False."""
-    return (config.method in ("cd", "pd", "scd")
-            or (config.method in ("ect", "sct") and config.teacher.init_student))
+    return config.method in ("cd", "pd", "scd") or (
+        config.method in ("ect", "sct") and config.teacher.init_student
+    )
 
 
 def load_frozen_networks(config, mesh):
@@ -276,11 +341,12 @@ def _check_same_architecture(config, net, params):
     expected, _ = uncertainty.split(expected)
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
     if shapes(expected) != shapes(params):
-        remedy = ("" if config.method == "pd" else
-                  " or set --config.teacher.init_student=False")
-        raise ValueError(f"The student starts from the teacher's weights, but config.model builds "
-                         f"a network whose parameters differ from the teacher's; match the "
-                         f"teacher's model{remedy}.")
+        remedy = "" if config.method == "pd" else " or set --config.teacher.init_student=False"
+        raise ValueError(
+            f"The student starts from the teacher's weights, but config.model builds "
+            f"a network whose parameters differ from the teacher's; match the "
+            f"teacher's model{remedy}."
+        )
 
 
 def data_meta(config):
@@ -306,18 +372,29 @@ def train_and_evaluate(config, workdir, hooks=()):
     net = models.create_model(config.model)
     tx, lr_schedule = optim.make_optimizer(config.optim)
     teacher_net, frozen = load_frozen_networks(config, mesh)
-    state = init_train_state(config, net, tx, mesh,
-                             initial_params=initial_student(config, net, frozen))
-    logging.info("%s: %s parameters, %d devices", config.model.name,
-                 f"{count_params(state.params):,}", jax.device_count())
+    state = init_train_state(
+        config, net, tx, mesh, initial_params=initial_student(config, net, frozen)
+    )
+    logging.info(
+        "%s: %s parameters, %d devices",
+        config.model.name,
+        f"{count_params(state.params):,}",
+        jax.device_count(),
+    )
 
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints
+    )
     restored = ckpt.restore(state)
     if restored is not None:
         state, meta = restored
         if meta != data_meta(config):
-            logging.warning("Resuming with data settings %s, the checkpoint has %s: the batch "
-                            "order will differ from the interrupted run.", data_meta(config), meta)
+            logging.warning(
+                "Resuming with data settings %s, the checkpoint has %s: the batch "
+                "order will differ from the interrupted run.",
+                data_meta(config),
+                meta,
+            )
         logging.info("Resumed from step %d.", int(state.step))
     # Written only once the state is known to fit, so a mistaken command cannot overwrite the
     # config of the run it failed to resume.
@@ -344,10 +421,16 @@ def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, 
         logging.info("Step %d already reached num_steps=%d: nothing to train.", start, t.num_steps)
         return
     preemption = _PreemptionFlag()
-    iterator = data.TrainIterator(dataset, t.batch_size, batch_sharding(mesh, t.steps_per_call),
-                                  start_step=start, seed=config.data.seed,
-                                  random_flip=config.data.random_flip,
-                                  prefetch=config.data.prefetch, steps_per_call=t.steps_per_call)
+    iterator = data.TrainIterator(
+        dataset,
+        t.batch_size,
+        batch_sharding(mesh, t.steps_per_call),
+        start_step=start,
+        seed=config.data.seed,
+        random_flip=config.data.random_flip,
+        prefetch=config.data.prefetch,
+        steps_per_call=t.steps_per_call,
+    )
     progress = _Progress(start, t.num_steps, t.batch_size)
     try:
         for step, batch in iterator:
@@ -362,8 +445,11 @@ def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, 
                 if step % every == 0:
                     writer.write_scalars(step, hook(step, state))
                     writer.flush()
-            stop = step >= t.num_steps or preemption.raised or (
-                jax.process_count() > 1 and ckpt.reached_preemption(step))
+            stop = (
+                step >= t.num_steps
+                or preemption.raised
+                or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+            )
             if stop or step % t.save_every == 0:
                 ckpt.save(step, state, data_meta(config))
             if stop:
@@ -380,8 +466,13 @@ class _Progress:
     def __init__(self, start_step, num_steps, batch_size):
         self.batch_size = batch_size
         self.last_step, self.last_time = start_step, time.perf_counter()
-        self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step",
-                             disable=jax.process_index() > 0, mininterval=5.0)
+        self.bar = tqdm.tqdm(
+            total=num_steps,
+            initial=start_step,
+            unit="step",
+            disable=jax.process_index() > 0,
+            mininterval=5.0,
+        )
 
     def advance(self, steps):
         self.bar.update(steps)

@@ -8,6 +8,7 @@ They are EDM's in other units: σ = σ_d·tan(t) and x_t = cos(t)·x_σ, so x_σ
 and f_θ is EDM's denoiser D_θ(x_σ; σ) (precond.trigflow_velocity). Every function is
 elementwise in a per-example t of shape [B].
 """
+
 import jax.numpy as jnp
 
 from cm_jax import karras
@@ -50,8 +51,9 @@ def tangent(F_minus, dF_minus, x_t, velocity, t, warmup, sigma_data=0.5):
     c_noise = ¼·ln(σ_d·tan t) bounded (1/4) at both ends of [0, π/2].
     """
     cos, sin = _cos_sin(t, x_t)
-    return (-cos**2 * (sigma_data * F_minus - velocity)
-            - warmup * (cos * sin * x_t + sigma_data * dF_minus))
+    return -(cos**2) * (sigma_data * F_minus - velocity) - warmup * (
+        cos * sin * x_t + sigma_data * dF_minus
+    )
 
 
 def normalize_tangent(g, c=0.1, norm="rms"):

@@ -6,6 +6,7 @@
 
 Variants: paper (default), `:cpu` (distils from a `cifar10_edm.py:cpu` teacher), `:test`.
 """
+
 from configs import common
 
 

@@ -10,6 +10,7 @@ per image is too slow on a CPU).
 
 Variants: paper (default), `:cpu` (distils from a `cifar10_edm.py:cpu` teacher), `:test`.
 """
+
 from configs import common
 
 

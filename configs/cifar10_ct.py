@@ -14,6 +14,7 @@ runs the l2 variant instead.
 Variants: `cifar10_ct.py` (paper), `cifar10_ct.py:cpu` (tiny model, l2, minutes on a CPU),
 `cifar10_ct.py:test` (test suite).
 """
+
 from configs import common
 
 

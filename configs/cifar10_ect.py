@@ -19,6 +19,7 @@ The official run transfers EDM's DDPM++ (VP) network; this config starts from wh
 Variants: paper (default); `1hour` (`run_ecm_1hour.sh`: q = 256 in a single stage, EMA
 0.9993); `cpu` (starts from a `cifar10_edm.py:cpu` teacher, 600 steps in 6 stages); `test`.
 """
+
 from configs import common
 
 
@@ -29,10 +30,12 @@ def get_config(variant=None):
     c.model.dropout = 0.2
     c.data.random_flip = False
     c.loss.update(distance="pseudo_huber", huber_c=0.0, weighting="ict", p_mean=-1.1, p_std=2.0)
-    c.ect.update(mapping="sigmoid", q=2.0, k=8.0, b=1.0, stage_steps=25_000,
-                 boundary_in_training=False)
-    c.optim.update(name="radam", lr=1e-4, warmup_steps=0, grad_clip=0.0, beta1=0.9,
-                   beta2=0.999, eps=1e-8)
+    c.ect.update(
+        mapping="sigmoid", q=2.0, k=8.0, b=1.0, stage_steps=25_000, boundary_in_training=False
+    )
+    c.optim.update(
+        name="radam", lr=1e-4, warmup_steps=0, grad_clip=0.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
     c.train.update(batch_size=128, num_steps=200_000, ema_rates=(0.9999,))
     c.teacher.update(init_student=True)
     c.sample.sigmas = (80.0, 0.821)

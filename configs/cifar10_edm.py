@@ -10,6 +10,7 @@ Variants: paper (default); `:scm`, the teacher of sCT and sCD (`cifar10_sct.py`,
 preconditioning up to the noise conditioning, and adaptive double normalisation, which is not
 here); `:cpu`; `:test`.
 """
+
 from configs import common
 
 

@@ -12,6 +12,7 @@ Fourier scale 0.02. The μ(k) formula does not apply (μ = 0).
 
 Variants: paper (default), `:cpu` (tiny model, minutes on a CPU), `:test` (test suite).
 """
+
 from configs import common
 
 
@@ -19,8 +20,14 @@ def get_config(variant=None):
     c = common.base_config()
     c.method = "ct"
     c.model.update(dropout=0.3, fourier_scale=0.02)
-    c.loss.update(distance="pseudo_huber", huber_c=-1.0, weighting="ict",
-                  index_sampling="lognormal", p_mean=-1.1, p_std=2.0)
+    c.loss.update(
+        distance="pseudo_huber",
+        huber_c=-1.0,
+        weighting="ict",
+        index_sampling="lognormal",
+        p_mean=-1.1,
+        p_std=2.0,
+    )
     c.schedule.update(kind="ict", s0=10, s1=1280)
     c.optim.update(name="radam", lr=1e-4)
     c.train.update(batch_size=1024, num_steps=400_000, ema_rates=(0.99993,))

@@ -14,6 +14,7 @@ weights themselves, as the official config).
 Variants: paper (default), `:cpu` (distils a `cifar10_edm.py:cpu` teacher from 8 steps to 1
 in 600 steps of 100-step stages), `:test`.
 """
+
 from configs import common
 
 
@@ -22,8 +23,9 @@ def get_config(variant=None):
     c.method = "pd"
     c.loss.update(distance="l2", weighting="truncated_snr")
     c.schedule.update(kind="pd", pd_start_scales=4096, pd_stage_steps=50_000)
-    c.optim.update(name="adam", lr=5e-5, warmup_steps=0, grad_clip=1.0, beta1=0.9, beta2=0.999,
-                   eps=1e-8)
+    c.optim.update(
+        name="adam", lr=5e-5, warmup_steps=0, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
     c.train.update(batch_size=512, num_steps=800_000, ema_rates=(0.0,))
     if variant == "cpu":
         common.apply_cpu_variant(c)

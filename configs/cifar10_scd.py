@@ -9,6 +9,7 @@ the recipe and its sources are in `configs.common.scm_config`.
 
 Variants: paper (default), `cpu` (distils a `cifar10_edm.py:cpu` teacher, 600 steps), `test`.
 """
+
 from configs import common
 
 

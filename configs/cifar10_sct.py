@@ -9,6 +9,7 @@ time embeddings; `--config.teacher.init_student=False` trains from scratch inste
 
 Variants: paper (default), `cpu` (a 0.32M-parameter NCSN++ from scratch, 600 steps), `test`.
 """
+
 from configs import common
 
 

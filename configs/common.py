@@ -1,18 +1,36 @@
 """Defaults shared by every config: each experiment file starts from `base_config()` and
 changes what its paper changes. Every field can be overridden as --config.a.b=value."""
+
 import ml_collections
 
 
 def ncsnpp_cifar10():
     """NCSN++ exactly as in the official CM CIFAR-10 configs (about 56M parameters)."""
-    return ml_collections.ConfigDict(dict(
-        name="ncsnpp", nf=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-        dropout=0.0, resblock_type="biggan", fir=True, fir_kernel=(1, 3, 3, 1),
-        skip_rescale=True, resamp_with_conv=True, progressive="none",
-        progressive_input="residual", progressive_combine="sum", embedding_type="fourier",
-        fourier_scale=16.0, init_scale=0.0, num_classes=0, dtype="float32",
-        # Overridable with a string ("cudnn" on GPUs); None = the default XLA attention.
-        attention_impl=ml_collections.config_dict.placeholder(str)))
+    return ml_collections.ConfigDict(
+        dict(
+            name="ncsnpp",
+            nf=128,
+            ch_mult=(2, 2, 2),
+            num_res_blocks=4,
+            attn_resolutions=(16,),
+            dropout=0.0,
+            resblock_type="biggan",
+            fir=True,
+            fir_kernel=(1, 3, 3, 1),
+            skip_rescale=True,
+            resamp_with_conv=True,
+            progressive="none",
+            progressive_input="residual",
+            progressive_combine="sum",
+            embedding_type="fourier",
+            fourier_scale=16.0,
+            init_scale=0.0,
+            num_classes=0,
+            dtype="float32",
+            # Overridable with a string ("cudnn" on GPUs); None = the default XLA attention.
+            attention_impl=ml_collections.config_dict.placeholder(str),
+        )
+    )
 
 
 def tiny_ncsnpp(nf=16):
@@ -26,12 +44,25 @@ def adm_imagenet64():
     """ADM (guided-diffusion's U-Net) as openai/consistency_models trains it on ImageNet 64:
     192 channels, 3 blocks per level, attention at 32, 16 and 8 with 64-channel heads,
     scale-shift norm, residual up/down-sampling, class-conditional (295,899,267 parameters)."""
-    return ml_collections.ConfigDict(dict(
-        name="adm", model_channels=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
-        attn_resolutions=(32, 16, 8), num_head_channels=64, num_heads=4,
-        use_scale_shift_norm=True, resblock_updown=True, conv_resample=True, dropout=0.0,
-        num_classes=1000, noise_scale=1000.0, dtype="float32",
-        attention_impl=ml_collections.config_dict.placeholder(str)))
+    return ml_collections.ConfigDict(
+        dict(
+            name="adm",
+            model_channels=192,
+            ch_mult=(1, 2, 3, 4),
+            num_res_blocks=3,
+            attn_resolutions=(32, 16, 8),
+            num_head_channels=64,
+            num_heads=4,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+            conv_resample=True,
+            dropout=0.0,
+            num_classes=1000,
+            noise_scale=1000.0,
+            dtype="float32",
+            attention_impl=ml_collections.config_dict.placeholder(str),
+        )
+    )
 
 
 def adm_lsun256():
@@ -39,8 +70,13 @@ def adm_lsun256():
     ch_mult (1, 1, 2, 2, 4, 4), 2 blocks per level, attention at 32, 16 and 8 with 64-channel
     heads, residual up/down-sampling, no scale-shift norm, unconditional."""
     model = adm_imagenet64()
-    model.update(model_channels=256, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                 use_scale_shift_norm=False, num_classes=0)
+    model.update(
+        model_channels=256,
+        ch_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        use_scale_shift_norm=False,
+        num_classes=0,
+    )
     return model
 
 
@@ -48,8 +84,14 @@ def tiny_adm():
     """A small class-conditional ADM (under 1M parameters) with every component of the real
     one, for CPUs: 10 classes, so CIFAR-10's labels stand in for ImageNet's."""
     model = adm_imagenet64()
-    model.update(model_channels=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                 num_head_channels=32, num_classes=10)
+    model.update(
+        model_channels=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        num_head_channels=32,
+        num_classes=10,
+    )
     return model
 
 
@@ -63,137 +105,148 @@ def base_config():
 
     c.data = dict(
         dataset="cifar10",
-        dir="",              # npz shards (images uint8 NHWC, labels) or image files; "" = tfds.
+        dir="",  # npz shards (images uint8 NHWC, labels) or image files; "" = tfds.
         split="train",
         image_size=32,
         num_channels=3,
         random_flip=True,
         seed=0,
         tfds_data_dir="",
-        prefetch=2,          # Batches prepared ahead on the host.
+        prefetch=2,  # Batches prepared ahead on the host.
     )
     c.model = ncsnpp_cifar10()
     c.karras = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5)
     c.loss = dict(
-        distance="l2",            # l2 | l1 | pseudo_huber | lpips
-        huber_c=-1.0,             # pseudo_huber's c; < 0: iCT's 0.00054·√d
-        lpips_vgg_path="",        # LPIPS: torchvision vgg16 state dict (.pth) or converted npz
-        lpips_resize=224,         # LPIPS: images smaller than this are resized up to it
-        weighting="uniform",      # uniform | ict (1/Δσ) | snr | snrp1 | truncated_snr
-        index_sampling="uniform", # uniform | lognormal (iCT)
-        p_mean=-1.1,              # lognormal pair sampling (iCT), ECT's t and sCM's σ
+        distance="l2",  # l2 | l1 | pseudo_huber | lpips
+        huber_c=-1.0,  # pseudo_huber's c; < 0: iCT's 0.00054·√d
+        lpips_vgg_path="",  # LPIPS: torchvision vgg16 state dict (.pth) or converted npz
+        lpips_resize=224,  # LPIPS: images smaller than this are resized up to it
+        weighting="uniform",  # uniform | ict (1/Δσ) | snr | snrp1 | truncated_snr
+        index_sampling="uniform",  # uniform | lognormal (iCT)
+        p_mean=-1.1,  # lognormal pair sampling (iCT), ECT's t and sCM's σ
         p_std=2.0,
     )
     c.schedule = dict(
-        kind="ct",                # ct (original CT) | ict (exponential, μ = 0) | fixed | pd (PD)
-        s0=2, s1=150, mu0=0.9,
-        mu_formula="official",    # μ(k) = exp(s0·ln μ0 / (N−1)) as the official code; "paper": / N
-        total_steps=0,            # K of the curriculum; 0 = train.num_steps
-        num_scales=18,            # kind="fixed"
-        target_ema=0.0,           # kind="fixed"
-        pd_start_scales=4096,     # kind="pd": the first student's steps (halved every stage)
-        pd_stage_steps=50_000,    # kind="pd": K, the steps of one stage (2K for N = 2 and 1)
+        kind="ct",  # ct (original CT) | ict (exponential, μ = 0) | fixed | pd (PD)
+        s0=2,
+        s1=150,
+        mu0=0.9,
+        mu_formula="official",  # μ(k) = exp(s0·ln μ0 / (N−1)) as the official code; "paper": / N
+        total_steps=0,  # K of the curriculum; 0 = train.num_steps
+        num_scales=18,  # kind="fixed"
+        target_ema=0.0,  # kind="fixed"
+        pd_start_scales=4096,  # kind="pd": the first student's steps (halved every stage)
+        pd_stage_steps=50_000,  # kind="pd": K, the steps of one stage (2K for N = 2 and 1)
     )
-    c.optim = dict(name="radam", lr=4e-4, warmup_steps=0, grad_clip=0.0, beta1=0.9,
-                   beta2=0.999, eps=1e-8, weight_decay=0.0)
+    c.optim = dict(
+        name="radam",
+        lr=4e-4,
+        warmup_steps=0,
+        grad_clip=0.0,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+    )
     c.edm = dict(p_mean=-1.2, p_std=1.2, sample_steps=18)
     # method="ect": the gap t − r of easy consistency training (schedules.ect_r); t is drawn
     # lognormally with loss.p_mean and loss.p_std.
     c.ect = dict(
-        mapping="sigmoid",        # Δt/t = q^{−(s+1)}·n(t): n = 1 + k·sigmoid(−b·t) | const: n = 1
-        q=2.0,                    # Δt shrinks by q every stage
+        mapping="sigmoid",  # Δt/t = q^{−(s+1)}·n(t): n = 1 + k·sigmoid(−b·t) | const: n = 1
+        q=2.0,  # Δt shrinks by q every stage
         k=8.0,
         b=1.0,
-        stage_steps=25_000,       # optimizer steps per stage
+        stage_steps=25_000,  # optimizer steps per stage
         boundary_in_training=False,  # True: train with the σ_min-offset scalings too
     )
     # method="sct"/"scd" (losses.continuous_consistency_loss, trigflow.py).
     c.scm = dict(
         tangent_warmup_steps=10_000,  # r = min(1, k/this) on the tangent's second term
-        tangent_norm_c=0.1,       # g ← g/(‖g‖ + c)
-        tangent_norm="rms",       # rms (‖g‖/√dim, NVlabs/FastGen) | l2 (the paper's ‖g‖)
-        prior_weighting=True,     # w(t) = 1/σ; False: 1
-        uncertainty_channels=128, # Fourier features of the adaptive weight u_φ(σ)
-        jvp="autodiff",           # dF⁻/dt by jax.jvp | finite_difference (cuDNN attention)
-        jvp_eps=0.0,              # finite_difference: the step relative to t; 0 = by dtype
-                                  # (1e-3 in float32, 0.05 in bfloat16)
+        tangent_norm_c=0.1,  # g ← g/(‖g‖ + c)
+        tangent_norm="rms",  # rms (‖g‖/√dim, NVlabs/FastGen) | l2 (the paper's ‖g‖)
+        prior_weighting=True,  # w(t) = 1/σ; False: 1
+        uncertainty_channels=128,  # Fourier features of the adaptive weight u_φ(σ)
+        jvp="autodiff",  # dF⁻/dt by jax.jvp | finite_difference (cuDNN attention)
+        jvp_eps=0.0,  # finite_difference: the step relative to t; 0 = by dtype
+        # (1e-3 in float32, 0.05 in bfloat16)
     )
     c.teacher = dict(
-        workdir="",               # cd, pd, ect, scd (sct: optional start): a method="edm" run's
-                                  # --workdir (or checkpoints/<step>)
-        ema_rate=0.0,             # which of its EMAs; 0 = its first
-        step=0,                   # which checkpoint; 0 = the newest
-        solver="heun",            # CD: the teacher's ODE step, heun (CM) | euler
-        init_student=True,        # CD, ECT, sCM: start θ from the teacher's weights (official
-                                  # runs); PD always does
+        workdir="",  # cd, pd, ect, scd (sct: optional start): a method="edm" run's
+        # --workdir (or checkpoints/<step>)
+        ema_rate=0.0,  # which of its EMAs; 0 = its first
+        step=0,  # which checkpoint; 0 = the newest
+        solver="heun",  # CD: the teacher's ODE step, heun (CM) | euler
+        init_student=True,  # CD, ECT, sCM: start θ from the teacher's weights (official
+        # runs); PD always does
     )
     # --mode=sample (launch.py): which checkpoint and EMA, and the time points.
     c.sample = dict(
         num_samples=64,
         batch_size=256,
-        sigmas=(),                # Decreasing σ's of CM Algorithm 1, e.g. (80.0, 0.821); () = one step
-        ts=(),                    # Or the official indices into a num_scales grid, e.g. (0, 22, 39)
+        sigmas=(),  # Decreasing σ's of CM Algorithm 1, e.g. (80.0, 0.821); () = one step
+        ts=(),  # Or the official indices into a num_scales grid, e.g. (0, 22, 39)
         num_scales=0,
-        edm_steps=18,             # EDM teacher runs: Heun/Euler steps
+        edm_steps=18,  # EDM teacher runs: Heun/Euler steps
         edm_solver="heun",
-        pd_steps=0,               # PD runs: Euler steps; 0 = the steps the student learned
+        pd_steps=0,  # PD runs: Euler steps; 0 = the steps the student learned
         seed=0,
-        ema_rate=0.0,             # 0 = the run's first evaluation EMA
-        checkpoint_step=0,        # 0 = the newest checkpoint
-        out_dir="",               # "" = workdir/samples
+        ema_rate=0.0,  # 0 = the run's first evaluation EMA
+        checkpoint_step=0,  # 0 = the newest checkpoint
+        out_dir="",  # "" = workdir/samples
     )
     # --mode=edit: zero-shot editing (cm_jax/editing.py) of user images.
     c.edit = dict(
-        task="inpainting",        # inpainting | colorization | superres | stroke | interpolation | denoising
-        images="",                # npz (images or arr_0, uint8 NHWC) or PNG files (glob or a,b,c)
+        # task: inpainting | colorization | superres | stroke | interpolation | denoising
+        task="inpainting",
+        images="",  # npz (images or arr_0, uint8 NHWC) or PNG files (glob or a,b,c)
         sigmas=(80.0, 10.0, 2.0, 0.5),  # stroke: the first is σ at which the guide is noised
-        mask="center",            # inpainting: center | left_half
-        mask_png="",              # inpainting: a mask image instead (white = known)
-        factor=2,                 # superres: patch size
-        num_frames=8,             # interpolation: frames per pair
-        num_pairs=4,              # interpolation: pairs of random latents
+        mask="center",  # inpainting: center | left_half
+        mask_png="",  # inpainting: a mask image instead (white = known)
+        factor=2,  # superres: patch size
+        num_frames=8,  # interpolation: frames per pair
+        num_pairs=4,  # interpolation: pairs of random latents
         seed=0,
         ema_rate=0.0,
         checkpoint_step=0,
-        out_dir="",               # "" = workdir/edits
+        out_dir="",  # "" = workdir/edits
     )
     # --mode=stats and --mode=eval (cm_jax/evaluation): FID / sFID with the TF-Inception network.
     c.eval = dict(
-        ref_stats="",             # eval: reference statistics npz (e.g. from --mode=stats)
-        ref_stats_out="",         # stats: where to write; "" = workdir/eval/ref_<dataset>_<split>.npz
-        samples_npz="",           # eval: score these images (arr_0 or images) instead of sampling
-        num_samples=50_000,       # eval: samples from the run (time points from config.sample)
-        batch_size=250,           # Inception batch, split over the devices
-        chunk_size=0,             # eval: samples per saved progress step; 0 = 10 batches
-        inception_path="",        # converted weights; "" = ~/.cache/cm_jax/tf_inception_fid.npz
-        classifier_path="",       # Inception Score: pytorch-fid's pt_inception-2015-12-05 .pth
-                                  # (or its converted npz); "" = IS reported as unavailable
+        ref_stats="",  # eval: reference statistics npz (e.g. from --mode=stats)
+        ref_stats_out="",  # stats: where to write; "" = workdir/eval/ref_<dataset>_<split>.npz
+        samples_npz="",  # eval: score these images (arr_0 or images) instead of sampling
+        num_samples=50_000,  # eval: samples from the run (time points from config.sample)
+        batch_size=250,  # Inception batch, split over the devices
+        chunk_size=0,  # eval: samples per saved progress step; 0 = 10 batches
+        inception_path="",  # converted weights; "" = ~/.cache/cm_jax/tf_inception_fid.npz
+        classifier_path="",  # Inception Score: pytorch-fid's pt_inception-2015-12-05 .pth
+        # (or its converted npz); "" = IS reported as unavailable
         ref_features_max=50_000,  # stats: also keep the pool3 features of up to this many
-                                  # reference images (precision/recall in eval); 0 = none
+        # reference images (precision/recall in eval); 0 = none
     )
     # --mode=search: the two-step middle time point that minimises FID (against eval.ref_stats).
     c.search = dict(
-        kind="index",             # index: ts = (0, m, N−1) on num_scales | sigma: (σ_max, σ)
-        num_scales=18,            # index: the grid size (18 for CIFAR-10 CD, 40 for ImageNet 64)
-        sigma_lo=0.05,            # sigma: the bracket for σ, searched in ln σ
+        kind="index",  # index: ts = (0, m, N−1) on num_scales | sigma: (σ_max, σ)
+        num_scales=18,  # index: the grid size (18 for CIFAR-10 CD, 40 for ImageNet 64)
+        sigma_lo=0.05,  # sigma: the bracket for σ, searched in ln σ
         sigma_hi=10.0,
-        iterations=8,             # sigma: rounds of ternary search
-        num_samples=10_000,       # samples per FID
+        iterations=8,  # sigma: rounds of ternary search
+        num_samples=10_000,  # samples per FID
     )
     c.train = dict(
         batch_size=512,
         num_steps=800_000,
-        steps_per_call=1,         # > 1: lax.scan several steps per device call
-        microbatches=1,           # > 1: accumulate the gradient over this many slices of the batch
+        steps_per_call=1,  # > 1: lax.scan several steps per device call
+        microbatches=1,  # > 1: accumulate the gradient over this many slices of the batch
         log_every=100,
         save_every=10_000,
         keep_checkpoints=3,
-        sample_every=10_000,      # 0 disables the sample grids
+        sample_every=10_000,  # 0 disables the sample grids
         num_sample_images=64,
         sample_seed=42,
-        ema_rates=(0.9999,),      # evaluation EMAs; samples use the first
+        ema_rates=(0.9999,),  # evaluation EMAs; samples use the first
         seed=42,
-        fid_every=0,              # > 0: FID of the first EMA every so many steps (needs eval.ref_stats)
+        fid_every=0,  # > 0: FID of the first EMA every so many steps (needs eval.ref_stats)
         fid_num_samples=10_000,
     )
     return c
@@ -203,8 +256,15 @@ def apply_cpu_variant(c, num_steps=600):
     """Shrink a paper config so it trains for real on a 2-core CPU in about five minutes
     (a 0.32M-parameter NCSN++ at batch 32: about 0.5 s per step there)."""
     c.model = tiny_ncsnpp(nf=16)
-    c.train.update(batch_size=32, num_steps=num_steps, log_every=25, save_every=200,
-                   sample_every=200, num_sample_images=64, ema_rates=(0.995,))
+    c.train.update(
+        batch_size=32,
+        num_steps=num_steps,
+        log_every=25,
+        save_every=200,
+        sample_every=200,
+        num_sample_images=64,
+        ema_rates=(0.995,),
+    )
     return c
 
 
@@ -213,8 +273,15 @@ def apply_test_variant(c):
     c.model = tiny_ncsnpp(nf=8)
     c.model.ch_mult = (1, 2)
     c.data.image_size = 16
-    c.train.update(batch_size=8, num_steps=4, log_every=2, save_every=2, sample_every=4,
-                   num_sample_images=4, ema_rates=(0.9, 0.99))
+    c.train.update(
+        batch_size=8,
+        num_steps=4,
+        log_every=2,
+        save_every=2,
+        sample_every=4,
+        num_sample_images=4,
+        ema_rates=(0.9, 0.99),
+    )
     return c
 
 
@@ -274,8 +341,9 @@ def scm_config(method, variant):
     c.teacher.init_student = True
     c.loss.update(p_mean=-1.0, p_std=1.4)
     c.optim.update(name="radam", lr=1e-4, beta1=0.9, beta2=0.99, warmup_steps=0, grad_clip=0.0)
-    c.train.update(batch_size=512, num_steps=400_000,
-                   ema_rates=(ema_rate_for_half_life(500_000, 512),))
+    c.train.update(
+        batch_size=512, num_steps=400_000, ema_rates=(ema_rate_for_half_life(500_000, 512),)
+    )
     c.sample.sigmas = SCM_TWO_STEP_SIGMAS
     if variant == "cpu":
         apply_cpu_variant(c)  # sCD: the network of a cifar10_edm.py:cpu teacher.
@@ -324,8 +392,9 @@ def split_lsun_variant(variant, name, metrics=("",)):
     category, _, metric = (variant or "bedroom").partition("_")
     if category not in LSUN_CATEGORIES or metric not in metrics:
         options = [f"{c}_{m}" if m else c for c in LSUN_CATEGORIES for m in metrics]
-        raise ValueError(f"Unknown variant {variant!r} of {name}: use {', '.join(options)}, "
-                         "cpu or test.")
+        raise ValueError(
+            f"Unknown variant {variant!r} of {name}: use {', '.join(options)}, cpu or test."
+        )
     return category, metric, None
 
 
@@ -337,8 +406,7 @@ def apply_adm_teacher_recipe(c, small):
     if not small:  # The small variants keep their own network (no dropout) and length.
         c.model.dropout = 0.1
         c.train.num_steps = 600_000
-    c.optim.update(name="radam", lr=1e-3 if small == "cpu" else 1e-4, warmup_steps=0,
-                   grad_clip=0.0)
+    c.optim.update(name="radam", lr=1e-3 if small == "cpu" else 1e-4, warmup_steps=0, grad_clip=0.0)
     steps = {"cpu": 18, "test": 3}.get(small, 40)
     c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=steps)
     c.sample.edm_steps = steps

@@ -15,13 +15,15 @@ Variants: paper LPIPS (default), `:l2` (the paper's CD-l2), `:cpu` (a tiny ADM d
 from an `imagenet64_edm.py:cpu` teacher on the local CIFAR-10) and `:test`; the small variants
 use l2.
 """
+
 from configs import common
 
 
 def get_config(variant=None):
     c = common.imagenet64_config("cd")
-    c.loss.update(distance="l2" if variant else "lpips", weighting="uniform",
-                  index_sampling="uniform")
+    c.loss.update(
+        distance="l2" if variant else "lpips", weighting="uniform", index_sampling="uniform"
+    )
     c.schedule.update(kind="fixed", num_scales=40, target_ema=0.95)
     c.optim.update(name="radam", lr=8e-6, warmup_steps=0, grad_clip=0.0)
     c.train.update(batch_size=2048, num_steps=600_000)

@@ -12,13 +12,15 @@ CT from scratch, which is what this config does.
 Variants: paper (default), `:cpu` (a tiny ADM on the local CIFAR-10 and its labels, l2) and
 `:test`.
 """
+
 from configs import common
 
 
 def get_config(variant=None):
     c = common.imagenet64_config("ct")
-    c.loss.update(distance="l2" if variant else "lpips", weighting="uniform",
-                  index_sampling="uniform")
+    c.loss.update(
+        distance="l2" if variant else "lpips", weighting="uniform", index_sampling="uniform"
+    )
     c.schedule.update(kind="ct", s0=2, s1=200, mu0=0.95, mu_formula="official")
     c.optim.update(name="radam", lr=1e-4, warmup_steps=0, grad_clip=0.0)
     c.train.update(batch_size=2048, num_steps=800_000)

@@ -11,6 +11,7 @@ grids use Heun with 40 steps (79 evaluations), the CM paper's EDM baseline.
 
 Variants: paper (default), `:cpu` (a tiny ADM on the local CIFAR-10 and its labels), `:test`.
 """
+
 from configs import common
 
 

@@ -14,14 +14,18 @@ Variants: `bedroom` (default) and `cat` with LPIPS, `bedroom_l2` and `cat_l2` (t
 CD-l2 models), `cpu` (a tiny unconditional ADM distilled from an `lsun256_edm.py:cpu` teacher on
 the local CIFAR-10, l2) and `test`.
 """
+
 from configs import common
 
 
 def get_config(variant=None):
     category, metric, small = common.split_lsun_variant(variant, "lsun256_cd", ("", "l2"))
     c = common.lsun256_config("cd", category)
-    c.loss.update(distance="l2" if (metric or small) else "lpips", weighting="uniform",
-                  index_sampling="uniform")
+    c.loss.update(
+        distance="l2" if (metric or small) else "lpips",
+        weighting="uniform",
+        index_sampling="uniform",
+    )
     c.schedule.update(kind="fixed", num_scales=40, target_ema=0.95)
     c.optim.update(name="radam", lr=1e-5, warmup_steps=0, grad_clip=0.0)
     c.train.num_steps = 600_000

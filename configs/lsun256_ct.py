@@ -9,14 +9,16 @@ passes the EDM teacher, whose weights `cm_train.py` then copies into the student
 Variants: `bedroom` (default), `cat`, `cpu` (a tiny unconditional ADM on the local CIFAR-10, l2)
 and `test`.
 """
+
 from configs import common
 
 
 def get_config(variant=None):
     category, _, small = common.split_lsun_variant(variant, "lsun256_ct")
     c = common.lsun256_config("ct", category)
-    c.loss.update(distance="l2" if small else "lpips", weighting="uniform",
-                  index_sampling="uniform")
+    c.loss.update(
+        distance="l2" if small else "lpips", weighting="uniform", index_sampling="uniform"
+    )
     c.schedule.update(kind="ct", s0=2, s1=150, mu0=0.95, mu_formula="official")
     c.optim.update(name="radam", lr=5e-5, warmup_steps=0, grad_clip=0.0)
     c.train.num_steps = 1_000_000

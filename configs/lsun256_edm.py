@@ -9,6 +9,7 @@ against the LSUN launch line. Sample grids use Heun with 40 steps.
 Variants: `bedroom` (default), `cat`, `cpu` (a tiny unconditional ADM on the local CIFAR-10)
 and `test`.
 """
+
 from configs import common
 
 

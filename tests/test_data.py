@@ -1,15 +1,16 @@
 """Tests for cm_jax.data: loading and validation, the step-indexed order, the iterator."""
+
 import hashlib
 import os
 import time
-
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cm_jax import data
 
@@ -122,7 +123,10 @@ def test_loading_leaves_files_untouched(shard_dir):
 
     def snapshot():
         return {
-            name: (os.stat(folder / name).st_mtime_ns, hashlib.sha256((folder / name).read_bytes()).digest())
+            name: (
+                os.stat(folder / name).st_mtime_ns,
+                hashlib.sha256((folder / name).read_bytes()).digest(),
+            )
             for name in sorted(os.listdir(folder))
         }
 
@@ -184,6 +188,7 @@ def test_folder_without_matching_shards_raises(shard_dir):
 
 def _write_pngs(folder, images):
     from PIL import Image
+
     os.makedirs(folder, exist_ok=True)
     for i, image in enumerate(images):
         Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
@@ -191,8 +196,8 @@ def _write_pngs(folder, images):
 
 def test_image_folder_with_class_subfolders_reads_pixels_and_labels(tmp_path):
     images, _ = random_arrays(5)
-    _write_pngs(tmp_path / "train" / "cat", images[:2])   # class 0 (sorted names)
-    _write_pngs(tmp_path / "train" / "dog", images[2:])   # class 1
+    _write_pngs(tmp_path / "train" / "cat", images[:2])  # class 0 (sorted names)
+    _write_pngs(tmp_path / "train" / "dog", images[2:])  # class 1
     dataset = data.load_split(make_data_config(dir=str(tmp_path)))
     np.testing.assert_array_equal(dataset.images, images)  # PNG is lossless
     assert dataset.labels.tolist() == [0, 0, 1, 1, 1]
@@ -209,7 +214,9 @@ def test_flat_image_folder_is_the_split_itself_with_label_zero(tmp_path):
 def test_bad_image_folders_raise_one_clear_error(tmp_path):
     images, _ = random_arrays(2, size=10)
     _write_pngs(tmp_path / "sized", images)
-    with pytest.raises(ValueError, match=r"000.png: image size is 10x10, but config.data.image_size is 8"):
+    with pytest.raises(
+        ValueError, match=r"000.png: image size is 10x10, but config.data.image_size is 8"
+    ):
         data.load_split(make_data_config(dir=str(tmp_path / "sized")))
     _write_pngs(tmp_path / "mixed", random_arrays(1)[0])
     _write_pngs(tmp_path / "mixed" / "cat", random_arrays(1)[0])
@@ -274,7 +281,9 @@ def test_batch_larger_than_dataset_spans_several_epochs():
 
 
 def test_order_depends_on_seed():
-    assert not np.array_equal(data.batch_indices(0, 50, 1000, 0), data.batch_indices(0, 50, 1000, 1))
+    assert not np.array_equal(
+        data.batch_indices(0, 50, 1000, 0), data.batch_indices(0, 50, 1000, 1)
+    )
     assert not np.array_equal(data.flip_mask(0, 50, 0), data.flip_mask(0, 50, 1))
 
 
@@ -327,7 +336,9 @@ def take(iterator, count):
 
 def test_iterator_yields_global_sharded_arrays(small_dataset, batch_mesh):
     sharding = NamedSharding(batch_mesh, P("data"))
-    with data.TrainIterator(small_dataset, 16, sharding, start_step=0, seed=0, random_flip=True) as it:
+    with data.TrainIterator(
+        small_dataset, 16, sharding, start_step=0, seed=0, random_flip=True
+    ) as it:
         step, batch = next(it)
     assert step == 0
     assert isinstance(batch["image"], jax.Array)
@@ -347,7 +358,7 @@ def test_iterator_matches_host_batch_and_resumes_exactly(small_dataset, batch_me
         resumed = take(it, 3)
     assert [step for step, _ in uninterrupted] == list(range(7))
     assert [step for step, _ in resumed] == [4, 5, 6]
-    for (step, expected), (_, got) in zip(uninterrupted[4:], resumed):
+    for (_, expected), (_, got) in zip(uninterrupted[4:], resumed):
         for key in expected:
             np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
     for step, batch in uninterrupted:  # fresh pure computation after iterating
@@ -374,7 +385,9 @@ def test_iterator_stacks_steps_for_scan(small_dataset, batch_mesh):
 
 def test_iterator_close_stops_thread(small_dataset, batch_mesh):
     sharding = NamedSharding(batch_mesh, P("data"))
-    it = data.TrainIterator(small_dataset, 8, sharding, start_step=0, seed=0, random_flip=False, prefetch=1)
+    it = data.TrainIterator(
+        small_dataset, 8, sharding, start_step=0, seed=0, random_flip=False, prefetch=1
+    )
     next(it)
     time.sleep(0.2)  # let the producer block on the full queue
     it.close()

@@ -1,4 +1,5 @@
 """Distance metrics against hand-worked values."""
+
 import jax.numpy as jnp
 import pytest
 

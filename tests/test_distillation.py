@@ -1,5 +1,6 @@
 """Consistency distillation end to end, in process: distil a tiny EDM teacher (the session's
 `teacher_workdir`, tests/conftest.py)."""
+
 import json
 import os
 

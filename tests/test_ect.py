@@ -1,5 +1,6 @@
 """Easy consistency training (ECT, Geng et al. 2025): the gap t − r and its stages, the loss
 against a recomputation by hand, and a run started from a trained EDM model."""
+
 import json
 import math
 
@@ -7,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_losses import OracleNet, _batch, _x0
+from toy_networks import tiny_model
 
 from cm_jax import karras, losses, models, precond, runs, schedules, train_state, trainer
 from cm_jax.generate import Generator
 from configs import cifar10_ect
-
-from test_losses import OracleNet, _batch, _x0
-from toy_networks import tiny_model
 
 SIZE = 8
 
@@ -26,14 +26,17 @@ def _config(**ect_overrides):
 
 
 # --------------------------------------------------------------------------- the gap
-@pytest.mark.parametrize("t, stage, expected", [
-    # Stage 0, q = 2: Δt/t = ½·(1 + 8·sigmoid(−t)); sigmoid(−4) = 1/(1 + e⁴) = 0.0179862.
-    (4.0, 0, 4.0 * (1.0 - 0.5 * 1.1438897)),      # 1.7122206
-    (80.0, 0, 40.0),                              # sigmoid(−80) ≈ 0: Δt = t/2
-    (1.0, 0, 0.0),                                # 1 + 8·sigmoid(−1) > 2: clamped at the data
-    (math.log(7.0) - 1e-3, 0, 0.0),               # r = 0 up to t = ln 7
-    (4.0, 2, 4.0 * (1.0 - 1.1438897 / 8.0)),      # 3.4280552: the gap shrank by q² = 4
-])
+@pytest.mark.parametrize(
+    "t, stage, expected",
+    [
+        # Stage 0, q = 2: Δt/t = ½·(1 + 8·sigmoid(−t)); sigmoid(−4) = 1/(1 + e⁴) = 0.0179862.
+        (4.0, 0, 4.0 * (1.0 - 0.5 * 1.1438897)),  # 1.7122206
+        (80.0, 0, 40.0),  # sigmoid(−80) ≈ 0: Δt = t/2
+        (1.0, 0, 0.0),  # 1 + 8·sigmoid(−1) > 2: clamped at the data
+        (math.log(7.0) - 1e-3, 0, 0.0),  # r = 0 up to t = ln 7
+        (4.0, 2, 4.0 * (1.0 - 1.1438897 / 8.0)),  # 3.4280552: the gap shrank by q² = 4
+    ],
+)
 def test_r_by_hand(t, stage, expected):
     r = float(schedules.ect_r(jnp.float32(t), stage, q=2.0, k=8.0, b=1.0))
     assert r == pytest.approx(expected, rel=1e-6, abs=1e-7)
@@ -48,18 +51,24 @@ def test_r_is_positive_just_above_ln7_and_the_const_mapping_has_no_sigmoid():
 def test_each_stage_shrinks_the_gap_by_q_and_stages_last_stage_steps():
     t = jnp.exp(jnp.linspace(-5.0, 4.5, 50))
     for stage in range(6):
-        np.testing.assert_allclose(schedules.ect_dt_ratio(t, stage + 1, q=2.0),
-                                   schedules.ect_dt_ratio(t, stage, q=2.0) / 2.0, rtol=1e-6)
+        np.testing.assert_allclose(
+            schedules.ect_dt_ratio(t, stage + 1, q=2.0),
+            schedules.ect_dt_ratio(t, stage, q=2.0) / 2.0,
+            rtol=1e-6,
+        )
     stages = [int(schedules.ect_stage(k, 25_000)) for k in (0, 24_999, 25_000, 50_000, 199_999)]
     assert stages == [0, 0, 1, 2, 7]
 
 
-@pytest.mark.parametrize("overrides, num_steps, match", [
-    ({"q": 1.0}, 100, "ect.q=1.0 must be > 1"),
-    ({"stage_steps": 0}, 100, "ect.stage_steps=0"),
-    ({"mapping": "cosine"}, 100, "ect.mapping='cosine'"),
-    ({"q": 2.0, "stage_steps": 1}, 40, "stage 39 .* below float32"),
-])
+@pytest.mark.parametrize(
+    "overrides, num_steps, match",
+    [
+        ({"q": 1.0}, 100, "ect.q=1.0 must be > 1"),
+        ({"stage_steps": 0}, 100, "ect.stage_steps=0"),
+        ({"mapping": "cosine"}, 100, "ect.mapping='cosine'"),
+        ({"q": 2.0, "stage_steps": 1}, 40, "stage 39 .* below float32"),
+    ],
+)
 def test_bad_ect_schedules_are_clear_errors(overrides, num_steps, match):
     config = _config(**overrides)
     with pytest.raises(ValueError, match=match):
@@ -68,13 +77,26 @@ def test_bad_ect_schedules_are_clear_errors(overrides, num_steps, match):
 
 def test_paper_and_one_hour_recipes():
     c = cifar10_ect.get_config()
-    assert (c.method, c.ect.q, c.ect.k, c.ect.b, c.ect.stage_steps) == ("ect", 2.0, 8.0, 1.0, 25_000)
+    assert (c.method, c.ect.q, c.ect.k, c.ect.b, c.ect.stage_steps) == (
+        "ect",
+        2.0,
+        8.0,
+        1.0,
+        25_000,
+    )
     assert (c.loss.distance, c.loss.huber_c, c.loss.weighting) == ("pseudo_huber", 0.0, "ict")
     assert (c.loss.p_mean, c.loss.p_std, c.karras.sigma_min) == (-1.1, 2.0, 0.003)
     assert (c.optim.name, c.optim.lr, c.train.batch_size, c.train.num_steps) == (
-        "radam", 1e-4, 128, 200_000)
-    assert (c.model.dropout, c.data.random_flip, tuple(c.train.ema_rates)) == (0.2, False,
-                                                                               (0.9999,))
+        "radam",
+        1e-4,
+        128,
+        200_000,
+    )
+    assert (c.model.dropout, c.data.random_flip, tuple(c.train.ema_rates)) == (
+        0.2,
+        False,
+        (0.9999,),
+    )
     assert tuple(c.sample.sigmas) == (80.0, 0.821)
     schedules.check_ect_schedule(c.ect, c.train.num_steps)  # 8 stages: Δt/t ≥ 2⁻⁸·n(t).
     one_hour = cifar10_ect.get_config("1hour")
@@ -113,7 +135,7 @@ def _by_hand(net, params, target_params, x, rng, step, config):
     n = x.shape[0]
     t = jnp.exp(config.loss.p_mean + config.loss.p_std * jax.random.normal(t_rng, (n,)))
     stage = step // config.ect.stage_steps
-    dt_ratio = 0.5**(stage + 1) * (1.0 + 8.0 / (1.0 + jnp.exp(t)))
+    dt_ratio = 0.5 ** (stage + 1) * (1.0 + 8.0 / (1.0 + jnp.exp(t)))
     r = jnp.maximum(t * (1.0 - dt_ratio), 0.0)
     z = jax.random.normal(noise_rng, x.shape)
     f = lambda p, s: precond.edm_denoiser(net, p, x + s[:, None, None, None] * z, s)
@@ -142,8 +164,9 @@ def test_loss_and_its_gradient_equal_the_formula_by_hand(step):
 
 
 @pytest.mark.parametrize("boundary, sigma_min", [(False, 0.0), (True, 0.003)])
-def test_online_and_target_share_dropout_and_the_training_scalings(monkeypatch, boundary,
-                                                                    sigma_min):
+def test_online_and_target_share_dropout_and_the_training_scalings(
+    monkeypatch, boundary, sigma_min
+):
     seen = []
     original = precond.consistency_fn
 
@@ -183,8 +206,9 @@ def start_from_teacher(config, teacher_workdir, tiny_shards):
     return frozen, teacher_params, trainer.initial_student(config, net, frozen)
 
 
-def test_ect_from_a_trained_edm_model_and_its_two_step_samples(teacher_workdir, tiny_shards,
-                                                              tmp_path):
+def test_ect_from_a_trained_edm_model_and_its_two_step_samples(
+    teacher_workdir, tiny_shards, tmp_path
+):
     config = cifar10_ect.get_config("test")
     frozen, teacher_params, start = start_from_teacher(config, teacher_workdir, tiny_shards)
     assert "teacher" not in frozen  # The loss never reads it: not passed to every step.

@@ -1,5 +1,6 @@
 """Zero-shot editing (CM Algorithm 4): what each task promises to keep is kept to float precision,
 the bases are orthogonal, the shared mechanism reduces to Algorithm 1, and misuse is named."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +36,9 @@ def _run(task, f, y, keys, **options):
 
 
 # ---------------------------------------------------------------------------- bases
-@pytest.mark.parametrize("basis", [editing.luma_basis(), editing.patch_basis(2),
-                                   editing.patch_basis(4)])
+@pytest.mark.parametrize(
+    "basis", [editing.luma_basis(), editing.patch_basis(2), editing.patch_basis(4)]
+)
 def test_bases_are_orthogonal(basis):
     n = basis.shape[0]
     np.testing.assert_allclose(basis.T @ basis, np.eye(n), atol=1e-6)
@@ -78,8 +80,7 @@ def test_masks():
     pixels = np.zeros((4, 4, 3), np.uint8)
     pixels[:2] = 255
     np.testing.assert_array_equal(editing.mask_from_pixels(pixels)[:, 0], [1, 1, 0, 0])
-    np.testing.assert_array_equal(editing.mask_from_pixels(pixels, invert=True)[:, 0],
-                                  [0, 0, 1, 1])
+    np.testing.assert_array_equal(editing.mask_from_pixels(pixels, invert=True)[:, 0], [0, 0, 1, 1])
     with pytest.raises(ValueError, match="outside the 4×6 image"):
         editing.box_mask((4, 6), 0, 0, 5, 2)
 
@@ -100,8 +101,9 @@ def test_superres_keeps_the_patch_means_exactly(f, factor):
     x, keys = _images(range(2))
     y = editing.upsample(editing.downsample(x, factor), factor)
     out = _run("superres", f, y, keys, factor=factor)
-    np.testing.assert_allclose(editing.downsample(out, factor), editing.downsample(x, factor),
-                               atol=2e-6)
+    np.testing.assert_allclose(
+        editing.downsample(out, factor), editing.downsample(x, factor), atol=2e-6
+    )
     assert float(jnp.abs(out - y).mean()) > 0.01  # detail was generated inside the patches
 
 
@@ -110,12 +112,16 @@ def test_edit_with_nothing_known_is_multistep_sampling(model, f):
     net, params = model
     y, keys = _images(range(2))
     identity = lambda x: x
-    edit = jax.jit(lambda y, k: editing.iterative_edit(f, y, SIGMAS, identity, identity,
-                                                       jnp.zeros((1,) + SHAPE), k))
+    edit = jax.jit(
+        lambda y, k: editing.iterative_edit(
+            f, y, SIGMAS, identity, identity, jnp.zeros((1,) + SHAPE), k
+        )
+    )
     out = edit(y, keys)
     z0 = sampling.step_noise(sampling.per_sample_keys(keys, 2), 0, SHAPE)
     want = jax.jit(lambda z, k: sampling.multistep_sample(net, params, z, SIGMAS, noise_rng=k))(
-        z0, keys)
+        z0, keys
+    )
     np.testing.assert_allclose(out, want, atol=1e-6)
 
 
@@ -141,8 +147,9 @@ def test_denoising_is_one_consistency_step(model, f):
     y, _ = _images(range(2))
     np.testing.assert_array_equal(editing.denoise(f, y, [0.002]), jnp.clip(y, -1, 1))
     noisy = y + 0.5 * sampling.sample_noise(9, jnp.arange(2), SHAPE)
-    np.testing.assert_allclose(editing.denoise(f, noisy, [0.5]),
-                               jnp.clip(f(noisy, 0.5), -1, 1), atol=1e-6)
+    np.testing.assert_allclose(
+        editing.denoise(f, noisy, [0.5]), jnp.clip(f(noisy, 0.5), -1, 1), atol=1e-6
+    )
 
 
 def test_interpolation_frames_and_endpoints(model, f):
@@ -151,15 +158,19 @@ def test_interpolation_frames_and_endpoints(model, f):
     z2 = sampling.sample_noise(2, jnp.arange(2), SHAPE)
     _, keys = _images(range(2))
     frames = jax.jit(lambda a, b, k: editing.interpolate(f, (a, b), SIGMAS, k, num_frames=4))(
-        z1, z2, keys)
+        z1, z2, keys
+    )
     assert frames.shape == (2, 4) + SHAPE
     for end, z in ((0, z1), (-1, z2)):
         want = sampling.multistep_sample(net, params, z, SIGMAS, noise_rng=keys)
         np.testing.assert_allclose(frames[:, end], want, atol=1e-5)
     # slerp keeps Gaussian latents on their shell: the midpoint norm stays ≈ √d, not √(d/2).
     mid = editing.slerp(z1, z2, 0.5)
-    np.testing.assert_allclose(jnp.linalg.norm(mid.reshape(2, -1), axis=1),
-                               jnp.linalg.norm(z1.reshape(2, -1), axis=1), rtol=0.1)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(mid.reshape(2, -1), axis=1),
+        jnp.linalg.norm(z1.reshape(2, -1), axis=1),
+        rtol=0.1,
+    )
     np.testing.assert_allclose(editing.slerp(z1, z2, 0.0), z1, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """launch.py end to end: train, be killed (SIGTERM, then kill -9), resume, and finish with
 exactly the parameters of an uninterrupted run."""
+
 import json
 import os
 import signal
@@ -14,12 +15,18 @@ NUM_STEPS = 120
 
 
 def _command(workdir, data_dir):
-    return [sys.executable, os.path.join(ROOT, "launch.py"),
-            f"--config={os.path.join(ROOT, 'configs', 'cifar10_ict.py')}:test",
-            f"--workdir={workdir}", f"--config.data.dir={data_dir}",
-            f"--config.train.num_steps={NUM_STEPS}", "--config.train.save_every=10",
-            "--config.train.log_every=10", "--config.train.sample_every=60",
-            "--config.train.keep_checkpoints=2"]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "launch.py"),
+        f"--config={os.path.join(ROOT, 'configs', 'cifar10_ict.py')}:test",
+        f"--workdir={workdir}",
+        f"--config.data.dir={data_dir}",
+        f"--config.train.num_steps={NUM_STEPS}",
+        "--config.train.save_every=10",
+        "--config.train.log_every=10",
+        "--config.train.sample_every=60",
+        "--config.train.keep_checkpoints=2",
+    ]
 
 
 def _env():
@@ -29,8 +36,14 @@ def _env():
 
 
 def _start(workdir, data_dir):
-    return subprocess.Popen(_command(workdir, data_dir), env=_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        _command(workdir, data_dir),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc, timeout=300):
@@ -61,6 +74,7 @@ def _final_state(workdir):
     import jax
 
     from cm_jax import runs, train_state
+
     mesh = train_state.create_mesh(jax.devices()[:1])
     _, _, state = runs.restore_run(workdir, mesh)
     assert int(state.step) == NUM_STEPS
@@ -76,13 +90,13 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_shards):
     interrupted = str(tmp_path / "interrupted")
     proc = _start(interrupted, data_dir)
     _wait_for_checkpoint(proc, interrupted)
-    proc.send_signal(signal.SIGTERM)          # What a scheduler sends before pre-emption.
+    proc.send_signal(signal.SIGTERM)  # What a scheduler sends before pre-emption.
     out = _finish(proc)
     assert "SIGTERM received" in out
     stopped_at = _checkpoint_steps(interrupted)[-1]
     assert stopped_at < NUM_STEPS
 
-    proc = _start(interrupted, data_dir)      # Resume, then die without warning.
+    proc = _start(interrupted, data_dir)  # Resume, then die without warning.
     deadline = time.time() + 300
     while _checkpoint_steps(interrupted)[-1] <= stopped_at:
         assert proc.poll() is None and time.time() < deadline
@@ -105,4 +119,5 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_shards):
 
 def _leaves(tree):
     import jax
+
     return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -1,4 +1,5 @@
 """--mode=stats and --mode=eval on real CIFAR-10 images (a handful: the network is slow on CPU)."""
+
 import json
 import os
 
@@ -17,9 +18,12 @@ def cifar_shards(tmp_path_factory, cifar10_dir):
     images = np.load(f"{cifar10_dir}/test.npz")["images"]
     folder = tmp_path_factory.mktemp("cifar")
     for k in range(2):
-        np.savez(folder / f"train-{k:05d}-of-00002.npz", images=images[k * N // 2:(k + 1) * N // 2],
-                 labels=np.zeros(N // 2, np.int64))
-    np.savez(folder / "samples.npz", arr_0=images[N:2 * N])
+        np.savez(
+            folder / f"train-{k:05d}-of-00002.npz",
+            images=images[k * N // 2 : (k + 1) * N // 2],
+            labels=np.zeros(N // 2, np.int64),
+        )
+    np.savez(folder / "samples.npz", arr_0=images[N : 2 * N])
     return folder
 
 
@@ -33,10 +37,14 @@ def _config(folder, npz):
 def test_stats_then_eval_of_an_npz(cifar_shards, inception_weights, tmp_path, cifar10_dir):
     _, npz = inception_weights
     config = _config(cifar_shards, npz)
-    config.eval.ref_features_max = N - 2                  # Features of the first 6 images only.
+    config.eval.ref_features_max = N - 2  # Features of the first 6 images only.
     path = evaluate.run_stats(config, str(tmp_path))
     with np.load(path) as f:
-        assert int(f["n"]) == N and f["mu"].shape == (2048,) and f["sigma_spatial"].shape == (2023, 2023)
+        assert (
+            int(f["n"]) == N
+            and f["mu"].shape == (2048,)
+            and f["sigma_spatial"].shape == (2023, 2023)
+        )
         assert str(f["meta_resize"]) == evaluate.RESIZE_CONVENTION
         assert str(f["meta_pool3_features"]) == str(N - 2)
     stored = np.load(evaluate.reference_features_path(path))
@@ -47,9 +55,10 @@ def test_stats_then_eval_of_an_npz(cifar_shards, inception_weights, tmp_path, ci
     ref = extractor.features(np.load(f"{cifar10_dir}/test.npz")["images"][:N])[0]
     ours = extractor.features(np.load(cifar_shards / "samples.npz")["arr_0"])[0]
     assert stored.dtype == np.float32 and stored.shape == (N - 2, 2048)
-    np.testing.assert_allclose(stored, ref[:N - 2], rtol=1e-6, atol=1e-6)
-    expected = fid.frechet_distance(ours.mean(0), np.cov(ours, rowvar=False),
-                                    ref.mean(0), np.cov(ref, rowvar=False))
+    np.testing.assert_allclose(stored, ref[: N - 2], rtol=1e-6, atol=1e-6)
+    expected = fid.frechet_distance(
+        ours.mean(0), np.cov(ours, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False)
+    )
     assert row["fid"] == pytest.approx(expected, rel=1e-6)
     assert row["fid"] > 0 and "sfid" in row and row["num_samples"] == N
     precision, recall = fid.precision_recall(stored, ours, k=3)
@@ -74,6 +83,7 @@ def trained_run(tiny_shards, inception_weights, tmp_path_factory):
     """A 4-step iCT run on 16×16 images that logged its FID every 2 steps, and a stand-in
     reference (mu = 0, sigma = I: the metric's plumbing, not its value, is under test here)."""
     from cm_jax import trainer
+
     _, npz = inception_weights
     workdir = tmp_path_factory.mktemp("run")
     ref = workdir / "ref.npz"
@@ -95,11 +105,13 @@ def test_fid_is_logged_during_training(trained_run):
 
 def test_ternary_search_on_integers_and_reals():
     calls = []
-    best, value, values = evaluate.ternary_search(lambda x: calls.append(x) or (x - 13) ** 2,
-                                                  1, 38, integer=True)
+    best, value, values = evaluate.ternary_search(
+        lambda x: calls.append(x) or (x - 13) ** 2, 1, 38, integer=True
+    )
     assert best == 13 and value == 0 and len(calls) == len(set(calls)) < 38
-    best, value, _ = evaluate.ternary_search(lambda u: (u - 0.3) ** 2 + 1.0, -3.0, 3.0,
-                                             integer=False, iterations=30)
+    best, value, _ = evaluate.ternary_search(
+        lambda u: (u - 0.3) ** 2 + 1.0, -3.0, 3.0, integer=False, iterations=30
+    )
     assert best == pytest.approx(0.3, abs=1e-3) and value == pytest.approx(1.0, abs=1e-5)
 
 
@@ -126,7 +138,8 @@ def test_reference_features_must_match_their_statistics(tmp_path):
 class _PixelExtractor:
     """Stands in for FeatureExtractor, without the slow network: the features are the pixels,
     repeated to 2048 (pool3) and 2023 (spatial) values."""
-    batch_size = 2                                   # run_stats then works in chunks of 20.
+
+    batch_size = 2  # run_stats then works in chunks of 20.
 
     def __init__(self, *args):
         pass
@@ -140,20 +153,22 @@ class _PixelExtractor:
         return repeated[:, :2048], repeated[:, :2023]
 
 
-def test_stats_write_the_first_images_features_and_drop_stale_ones(tiny_shards, tmp_path,
-                                                                     monkeypatch):
+def test_stats_write_the_first_images_features_and_drop_stale_ones(
+    tiny_shards, tmp_path, monkeypatch
+):
     monkeypatch.setattr(evaluate, "FeatureExtractor", _PixelExtractor)
     config = cifar10_ict.get_config("test")
     config.data.dir = tiny_shards
     config.eval.update(ref_features_max=30, ref_stats_out=str(tmp_path / "ref.npz"))
     path = evaluate.run_stats(config, str(tmp_path))  # 80 images; features of 20 + 10 of them.
-    images = np.concatenate([np.load(f"{tiny_shards}/train-0000{k}-of-00002.npz")["images"]
-                             for k in range(2)])
+    images = np.concatenate(
+        [np.load(f"{tiny_shards}/train-0000{k}-of-00002.npz")["images"] for k in range(2)]
+    )
     stored = np.load(evaluate.reference_features_path(path))
     np.testing.assert_array_equal(stored, _PixelExtractor().features(images[:30])[0])
     with np.load(path) as f:
         assert int(f["n"]) == 80 and str(f["meta_pool3_features"]) == "30"
-    config.eval.ref_features_max = 0                 # New statistics at the same path.
+    config.eval.ref_features_max = 0  # New statistics at the same path.
     evaluate.run_stats(config, str(tmp_path))
     assert not os.path.exists(evaluate.reference_features_path(path))
 
@@ -178,16 +193,21 @@ def test_progress_keeps_feature_chunks_and_needs_them_to_resume(tmp_path):
 def test_eval_resumes_after_preemption(trained_run, monkeypatch, tmp_path):
     """Also: IS with a user classifier, precision/recall and KID once the reference has
     features, and the explicit 'unavailable' while it has none."""
-    from cm_jax import generate
     from scipy import special
     from test_classifier import write_fake_pytorch_fid
+
+    from cm_jax import generate
+
     config, workdir = trained_run
     config = config.copy_and_resolve_references()
     state = write_fake_pytorch_fid(tmp_path / "pt_inception.pth")
-    config.eval.update(num_samples=20, chunk_size=8,   # Chunks of 8 + 8 + 4 samples.
-                       classifier_path=str(tmp_path / "pt_inception.pth"),
-                       ref_stats=str(tmp_path / "ref.npz"))
-    with np.load(workdir / "ref.npz") as f:            # The run's stand-in, without features.
+    config.eval.update(
+        num_samples=20,
+        chunk_size=8,  # Chunks of 8 + 8 + 4 samples.
+        classifier_path=str(tmp_path / "pt_inception.pth"),
+        ref_stats=str(tmp_path / "ref.npz"),
+    )
+    with np.load(workdir / "ref.npz") as f:  # The run's stand-in, without features.
         np.savez(tmp_path / "ref.npz", **f)
     config.sample.sigmas = (80.0, 0.821)
     features, extract = [], evaluate.FeatureExtractor.features
@@ -199,11 +219,12 @@ def test_eval_resumes_after_preemption(trained_run, monkeypatch, tmp_path):
 
     monkeypatch.setattr(evaluate.FeatureExtractor, "features", recording_features)
     reference = evaluate.run_eval(config, str(workdir))
-    features = np.concatenate(features)                # The 20 samples' pool3 features.
+    features = np.concatenate(features)  # The 20 samples' pool3 features.
     assert reference["precision_recall"] == reference["kid"] == evaluate.NO_REFERENCE_FEATURES
     probs = special.softmax(features.astype(np.float64) @ state["fc.weight"].T, axis=1)
-    assert ((reference["inception_score"], reference["inception_score_std"])
-            == pytest.approx(fid.inception_score(probs, 10), rel=1e-9))
+    assert (reference["inception_score"], reference["inception_score_std"]) == pytest.approx(
+        fid.inception_score(probs, 10), rel=1e-9
+    )
     # Reference features: the first 5 samples' four times over, a hair apart (balls too small
     # to hold any other sample), and all that again far off.
     gaps = np.sqrt(((features[:, None] - features[None]) ** 2).sum(-1))
@@ -226,7 +247,7 @@ def test_eval_resumes_after_preemption(trained_run, monkeypatch, tmp_path):
         evaluate.run_eval(config, str(workdir))
     assert any(".features." in name for name in os.listdir(workdir / "eval" / "partial"))
     resumed = evaluate.run_eval(config, str(workdir))
-    assert calls == [0, 8, 8, 16]              # The first chunk was not sampled again.
+    assert calls == [0, 8, 8, 16]  # The first chunk was not sampled again.
     assert resumed["fid"] == pytest.approx(reference["fid"], rel=1e-9)
     assert resumed["inception_score"] == pytest.approx(reference["inception_score"], rel=1e-9)
     precision, recall = fid.precision_recall(ref_features, features)

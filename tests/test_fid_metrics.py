@@ -1,5 +1,6 @@
 """Tests for the metric math of cm_jax.evaluation.fid, on constructed features with known
 answers."""
+
 import os
 
 import numpy as np
@@ -10,8 +11,17 @@ from cm_jax.evaluation import fid
 
 _STATS = os.path.join("shared", "data", "cifar10_fid", "cifar10_train_tf_inception.npz")
 # shared/ sits beside the checkout (CI) or at /work/shared (development machines).
-REFERENCE_STATS = next((p for p in [os.path.join(os.path.dirname(__file__), "..", "..", _STATS),
-                                    os.path.join("/work", _STATS)] if os.path.exists(p)), "")
+REFERENCE_STATS = next(
+    (
+        p
+        for p in [
+            os.path.join(os.path.dirname(__file__), "..", "..", _STATS),
+            os.path.join("/work", _STATS),
+        ]
+        if os.path.exists(p)
+    ),
+    "",
+)
 
 
 def _random_stats(rng, d, n=50, shift=0.0):
@@ -105,8 +115,9 @@ def test_feature_stats_save_load_and_continue(tmp_path):
     np.testing.assert_array_equal(loaded.mean, stats.mean)
     np.testing.assert_allclose(loaded.cov, stats.cov, rtol=1e-14)
     loaded.add(x[400:])  # resuming accumulation from a saved file
-    np.testing.assert_allclose(loaded.cov, np.cov(x.astype(np.float64), rowvar=False),
-                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        loaded.cov, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-9
+    )
     with np.load(tmp_path / "stats.npz") as data:
         assert {"mu", "sigma", "n"} <= set(data.files)
 
@@ -114,10 +125,10 @@ def test_feature_stats_save_load_and_continue(tmp_path):
 def test_feature_stats_errors():
     stats = fid.FeatureStats()
     with pytest.raises(ValueError):
-        stats.mean
+        _ = stats.mean
     stats.add(np.zeros((1, 4)))
     with pytest.raises(ValueError):
-        stats.cov  # one sample has no unbiased covariance
+        _ = stats.cov  # one sample has no unbiased covariance
     with pytest.raises(ValueError):
         stats.add(np.zeros((2, 5)))
     with pytest.raises(ValueError):
@@ -195,7 +206,7 @@ def test_mmd2_unbiased_matches_explicit_sums():
     m = 6
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
     assert fid.mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
 
 
@@ -228,7 +239,7 @@ def test_inception_score_matches_improved_gan_formula():
     probs = np.random.default_rng(10).dirichlet(np.ones(7) * 0.3, size=50)
     scores = []
     for i in range(5):
-        part = probs[i * 10:(i + 1) * 10]
+        part = probs[i * 10 : (i + 1) * 10]
         kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
         scores.append(np.exp(np.mean(np.sum(kl, 1))))
     assert fid.inception_score(probs, splits=5) == pytest.approx((np.mean(scores), np.std(scores)))

@@ -1,4 +1,5 @@
 """Sampling and editing from a trained workdir through the Python API."""
+
 import numpy as np
 import pytest
 
@@ -24,6 +25,7 @@ def generator(run_dir):
 
 def test_samples_do_not_depend_on_batch_size_or_device_count(run_dir, generator):
     import jax
+
     a, labels = generator.sample(10, sigmas=(80.0, 0.821), batch_size=8, seed=3)
     assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8 and labels is None
     b, _ = generator.sample(10, sigmas=(80.0, 0.821), batch_size=16, seed=3)
@@ -62,6 +64,7 @@ def test_inpainting_keeps_the_known_pixels(generator):
     out = generator.edit("inpainting", images, sigmas=(80.0, 5.0, 0.5), mask="center")
     assert out.shape == images.shape
     from cm_jax import editing
+
     known = editing.center_square_mask(16).astype(bool)  # [H, W], True = known
     np.testing.assert_array_equal(out[:, known], images[:, known])
     assert not np.array_equal(out, images)
@@ -69,6 +72,7 @@ def test_inpainting_keeps_the_known_pixels(generator):
 
 def test_sample_and_edit_modes_write_npz_and_grids(run_dir, tmp_path):
     from cm_jax import generate
+
     config = cifar10_ict.get_config("test")
     config.sample.update(num_samples=5, sigmas=(80.0, 0.821), out_dir=str(tmp_path / "s"))
     npz, png = generate.run_sample(config, run_dir)
@@ -77,8 +81,9 @@ def test_sample_and_edit_modes_write_npz_and_grids(run_dir, tmp_path):
 
     images = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", images=images)
-    config.edit.update(task="superres", images=str(tmp_path / "in.npz"), factor=2,
-                       out_dir=str(tmp_path / "e"))
+    config.edit.update(
+        task="superres", images=str(tmp_path / "in.npz"), factor=2, out_dir=str(tmp_path / "e")
+    )
     npz, _ = generate.run_edit(config, run_dir)
     result = np.load(npz)["arr_0"].astype(np.float64)
     patches = lambda x: x.reshape(2, 8, 2, 8, 2, 3)
@@ -98,6 +103,7 @@ def test_class_conditional_run_trains_samples_and_records_its_labels(tiny_shards
     # The shards' labels feed the label embedding in training; sampling takes labels or draws
     # them per sample index, and --mode=sample stores them as arr_1 beside the images.
     from cm_jax import generate
+
     config = cifar10_ict.get_config("test")
     config.data.dir = tiny_shards
     config.model.update(num_classes=10, init_scale=1.0)  # A nonzero output layer at init.

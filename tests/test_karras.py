@@ -1,4 +1,5 @@
 """The σ grid and the preconditioning scalings against values worked out by hand."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,9 @@ def test_grid_is_ascending_and_traced_n_matches_static():
 def test_edm_scalings_at_sigma_data():
     # σ = σ_d = 0.5: c_skip = 0.25/0.5, c_out = 0.25/√0.5, c_in = 1/√0.5, c_noise = ln(0.5)/4.
     s = karras.edm_scalings(jnp.float32(0.5), 0.5)
-    np.testing.assert_allclose([s.c_skip, s.c_out, s.c_in, s.c_noise],
-                               [0.5, 0.3535534, 1.4142136, -0.1732868], rtol=1e-6)
+    np.testing.assert_allclose(
+        [s.c_skip, s.c_out, s.c_in, s.c_noise], [0.5, 0.3535534, 1.4142136, -0.1732868], rtol=1e-6
+    )
 
 
 def test_consistency_scalings_boundary_and_interior():

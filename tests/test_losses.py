@@ -5,6 +5,7 @@ known in closed form: the PF-ODE trajectories are x_σ = x0 + σ·z, so f*(x_σ,
 A network that realises f* must get zero CT loss under every curriculum, metric and weighting,
 and the exact denoiser D* = x0 must get zero EDM loss; any other network must not.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ class OracleNet:
 
 class ToyNet(nn.Module):
     """A small noise-conditional conv net with dropout, for gradient and rng tests."""
+
     dropout: float = 0.5
 
     @nn.compact
@@ -115,11 +117,13 @@ def test_edm_loss_vanishes_for_the_exact_denoiser():
     config = _config(cifar10_edm)
     params = {"x0": _x0()}
     loss, _ = losses.get_loss_fn(OracleNet("edm"), config)(
-        params, None, _batch(params["x0"]), jax.random.PRNGKey(0), 0)
+        params, None, _batch(params["x0"]), jax.random.PRNGKey(0), 0
+    )
     assert float(loss) < 1e-9
     # D = x0 + 0.1 everywhere: each example costs λ(σ)·0.01 with λ(σ) ≥ 1/σ_d² = 4.
     bad, _ = losses.get_loss_fn(OracleNet("edm", error=0.1), config)(
-        params, None, _batch(params["x0"]), jax.random.PRNGKey(0), 0)
+        params, None, _batch(params["x0"]), jax.random.PRNGKey(0), 0
+    )
     assert float(bad) >= 0.04
 
 
@@ -136,8 +140,8 @@ def test_gradient_flows_only_through_the_online_branch():
     config, net, batch, params, target = _toy_setup()
     loss_fn = losses.get_loss_fn(net, config)
     grad_online, grad_target = jax.grad(
-        lambda p, t: loss_fn(p, t, batch, jax.random.PRNGKey(1), 2)[0], argnums=(0, 1))(
-            params, target)
+        lambda p, t: loss_fn(p, t, batch, jax.random.PRNGKey(1), 2)[0], argnums=(0, 1)
+    )(params, target)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grad_target))
     assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grad_online))
 

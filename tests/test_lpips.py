@@ -12,6 +12,7 @@ same module indices 0 … 30). Everything else — lpips.LPIPS, its slicing of t
 relu1_2 … relu5_3, ScalingLayer, normalize_tensor, the heads and the spatial average — is the
 package's own code. Needs `torch` (CPU) and `lpips` (--no-deps); skipped without them.
 """
+
 import contextlib
 import importlib.util
 import os
@@ -26,8 +27,10 @@ import pytest
 from cm_jax import lpips as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CIFAR10_TEST = [os.path.join(HERE, "..", "..", "shared", "data", "cifar10", "test.npz"),
-                "/work/shared/data/cifar10/test.npz"]
+CIFAR10_TEST = [
+    os.path.join(HERE, "..", "..", "shared", "data", "cifar10", "test.npz"),
+    "/work/shared/data/cifar10/test.npz",
+]
 
 
 # Every 32×32 call below has this batch, so that one compiled network serves them all
@@ -63,11 +66,11 @@ def test_scaling_layer_is_imagenet_normalisation_of_01_images():
 
 
 def test_normalize_channels_units_and_eps_and_finite_gradient():
-    f = jnp.array([[[[3.0, 4.0]], [[0.0, 0.0]]]])                 # [1, 2, 1, 2]
+    f = jnp.array([[[[3.0, 4.0]], [[0.0, 0.0]]]])  # [1, 2, 1, 2]
     out = L.normalize_channels(f)
     np.testing.assert_allclose(out[0, 0, 0], [0.6, 0.8], rtol=1e-6)
     np.testing.assert_array_equal(out[0, 1, 0], [0.0, 0.0])
-    tiny = jnp.full((1, 1, 1, 1), 1e-10)                           # 1e-10 / (1e-10 + 1e-10)
+    tiny = jnp.full((1, 1, 1, 1), 1e-10)  # 1e-10 / (1e-10 + 1e-10)
     np.testing.assert_allclose(L.normalize_channels(tiny), 0.5, rtol=1e-5)
     # √ at 0 has an infinite derivative; the gradient must still be finite (here exactly 0
     # from the norm, 1/eps from the direct path, times the upstream 0 of a zero vector).
@@ -103,8 +106,11 @@ def test_resize_only_when_smaller(rand_params):
     # Smaller: both images are resized bilinearly, without antialiasing, to resize_to².
     # (That this resize is PyTorch's bilinear one is checked in test_parity_resized_224.)
     x, y = _images(B)
-    jaxpr = lambda r: str(jax.make_jaxpr(  # noqa: E731
-        lambda p, a, b: L.lpips_distance(p, a, b, resize_to=r))(rand_params, x, y))
+    jaxpr = lambda r: str(
+        jax.make_jaxpr(  # noqa: E731
+            lambda p, a, b: L.lpips_distance(p, a, b, resize_to=r)
+        )(rand_params, x, y)
+    )
     assert jaxpr(32) == jaxpr(None) == jaxpr(0) == jaxpr(16)
     assert jaxpr(33) != jaxpr(None)
     assert "f32[8,33,33,3]" in jaxpr(33)
@@ -132,7 +138,7 @@ def test_npz_roundtrip_and_checks(tmp_path, rand_params):
     params = rand_params
     path = str(tmp_path / "lp.npz")
     L.save_npz(params, path)
-    loaded = L.load_lpips_params(path)                  # heads in the file: no download
+    loaded = L.load_lpips_params(path)  # heads in the file: no download
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
     bad = dict(params, lin2=-np.ones(256, np.float32))
     L.save_npz(bad, path)
@@ -156,7 +162,7 @@ def test_state_dict_naming():
         cin = cout
     sd["classifier.0.weight"] = np.zeros((2, 2), np.float32)
     p = L.vgg_params_from_state_dict(sd)
-    w = sd["features.7.weight"]                          # conv2_2, OIHW
+    w = sd["features.7.weight"]  # conv2_2, OIHW
     np.testing.assert_array_equal(p["conv2_2"]["kernel"][1, 2, 5, 9], w[9, 5, 1, 2])
     np.testing.assert_array_equal(p["conv5_3"]["bias"], sd["features.28.bias"])
     del sd["features.28.bias"]
@@ -172,8 +178,26 @@ def _torch_vgg16_features(torch):
     """torchvision's vgg16().features (cfg "D"), layer for layer, indices 0 … 30."""
     nn = torch.nn
     layers, cin = [], 3
-    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-              512, 512, 512, "M"):
+    for v in (
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ):
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
@@ -200,17 +224,30 @@ def _lpips_with_standin_torchvision(torch, features):
         return types.SimpleNamespace(features=features)
 
     tv.models.vgg16 = vgg16
-    saved = {k: v for k, v in sys.modules.items() if k == "lpips" or k.startswith("lpips.")
-             or k == "torchvision" or k.startswith("torchvision.")}
+    saved = {
+        k: v
+        for k, v in sys.modules.items()
+        if k == "lpips"
+        or k.startswith("lpips.")
+        or k == "torchvision"
+        or k.startswith("torchvision.")
+    }
     for k in saved:
         del sys.modules[k]
     sys.modules["torchvision"], sys.modules["torchvision.models"] = tv, tv.models
     try:
         import lpips
+
         yield lpips
     finally:
-        for k in [k for k in sys.modules if k == "lpips" or k.startswith("lpips.")
-                  or k == "torchvision" or k.startswith("torchvision.")]:
+        for k in [
+            k
+            for k in sys.modules
+            if k == "lpips"
+            or k.startswith("lpips.")
+            or k == "torchvision"
+            or k.startswith("torchvision.")
+        ]:
             del sys.modules[k]
         sys.modules.update(saved)
 
@@ -227,13 +264,15 @@ def _cifar_pairs(n):
 @pytest.fixture(scope="module")
 def torch_lpips():
     torch = pytest.importorskip(
-        "torch", reason="parity needs torch: pip install torch==2.13.0 (the CPU wheel)")
+        "torch", reason="parity needs torch: pip install torch==2.13.0 (the CPU wheel)"
+    )
     if importlib.util.find_spec("lpips") is None:
         pytest.skip("parity needs the lpips package: pip install --no-deps lpips==0.1.4")
     features = _torch_vgg16_features(torch)
     with _lpips_with_standin_torchvision(torch, features) as lpips:
-        model = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True,
-                            verbose=False).eval()
+        model = lpips.LPIPS(
+            net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False
+        ).eval()
         heads_pth = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
         yield torch, model, features, heads_pth
 
@@ -248,18 +287,18 @@ def ported(torch_lpips):
 
 def test_constants_match_lpips(torch_lpips, ported):
     torch, model, _, _ = torch_lpips
-    np.testing.assert_array_equal(model.scaling_layer.shift.numpy().ravel(),
-                                  np.float32(L.SHIFT))
-    np.testing.assert_array_equal(model.scaling_layer.scale.numpy().ravel(),
-                                  np.float32(L.SCALE))
+    np.testing.assert_array_equal(model.scaling_layer.shift.numpy().ravel(), np.float32(L.SHIFT))
+    np.testing.assert_array_equal(model.scaling_layer.scale.numpy().ravel(), np.float32(L.SCALE))
     assert tuple(model.chns) == L.CHANNELS
-    for k in range(5):                                   # the heads lpips itself loaded
-        np.testing.assert_array_equal(model.lins[k].model[-1].weight.detach().numpy().ravel(),
-                                      ported[f"lin{k}"])
+    for k in range(5):  # the heads lpips itself loaded
+        np.testing.assert_array_equal(
+            model.lins[k].model[-1].weight.detach().numpy().ravel(), ported[f"lin{k}"]
+        )
     assert L.heads_fingerprint(ported) == L.LPIPS_HEADS_VALUES_SHA256
     # The lpips module's own state dict (net.sliceK.N.*) converts to the same trunk.
     from_module = L.vgg_params_from_state_dict(
-        {k: v.numpy() for k, v in model.state_dict().items()})
+        {k: v.numpy() for k, v in model.state_dict().items()}
+    )
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_module, ported["vgg"])
 
 
@@ -276,8 +315,13 @@ def test_parity_native_32(torch_lpips, ported):
     noisy = np.clip(x + 0.1 * np.random.default_rng(0).standard_normal(x.shape), -1, 1)
     for a, b in ((x, y), (x, noisy.astype(np.float32))):
         with torch.no_grad():
-            ref = model(torch.from_numpy(a).permute(0, 3, 1, 2),
-                        torch.from_numpy(b).permute(0, 3, 1, 2)).numpy().reshape(-1)
+            ref = (
+                model(
+                    torch.from_numpy(a).permute(0, 3, 1, 2), torch.from_numpy(b).permute(0, 3, 1, 2)
+                )
+                .numpy()
+                .reshape(-1)
+            )
         ours = distance(ported, a, b, resize_to=None)
         assert _rel_err(ours, ref) < 1e-5, (ours, ref)
 
@@ -288,8 +332,11 @@ def test_parity_resized_224(torch_lpips, ported):
     torch, model, _, _ = torch_lpips
     x, y = _cifar_pairs(2)
     up = lambda a: torch.nn.functional.interpolate(  # noqa: E731
-        torch.from_numpy(a).permute(0, 3, 1, 2), size=(224, 224), mode="bilinear",
-        align_corners=False)
+        torch.from_numpy(a).permute(0, 3, 1, 2),
+        size=(224, 224),
+        mode="bilinear",
+        align_corners=False,
+    )
     with torch.no_grad():
         ref = model(up(x), up(y)).numpy().reshape(-1)
     ours = distance(ported, x, y, resize_to=224)
@@ -300,7 +347,7 @@ def test_convert_cli(torch_lpips, ported, tmp_path):
     torch, _, features, heads_pth = torch_lpips
     pth, out = str(tmp_path / "vgg16.pth"), str(tmp_path / "lpips_vgg.npz")
     sd = {f"features.{k}": v for k, v in features.state_dict().items()}
-    sd["classifier.6.bias"] = torch.zeros(1000)          # ignored, as in a real vgg16 file
+    sd["classifier.6.bias"] = torch.zeros(1000)  # ignored, as in a real vgg16 file
     torch.save(sd, pth)
     assert L.main(["convert", "--vgg", pth, "--out", out, "--lin", heads_pth]) == 0
     loaded = L.load_lpips_params(out)

@@ -1,14 +1,15 @@
 """The LSUN-256 recipes (openai/consistency_models `scripts/launch.sh`) on the unconditional ADM:
 their values, and an imported release-format teacher that samples and starts CD, at toy size
 and without classes or scale-shift norm."""
+
 import numpy as np
 import pytest
+from guided_diffusion_keys import openai_state_dict, random_arrays
+from test_imagenet64 import parameter_count
 
 from cm_jax import import_openai, models, train_state, trainer
 from cm_jax.generate import Generator
 from configs import lsun256_cd, lsun256_ct, lsun256_edm
-from guided_diffusion_keys import openai_state_dict, random_arrays
-from test_imagenet64 import parameter_count
 
 EMAS = (0.9999, 0.99994, 0.9999432189950708)
 
@@ -22,7 +23,12 @@ def test_the_official_recipes():
         assert (c.data.image_size, c.data.dataset, c.train.batch_size) == (256, "lsun/bedroom", 256)
         assert tuple(c.train.ema_rates) == EMAS and c.optim.name == "radam"
     assert (edm.method, edm.model.dropout) == ("edm", 0.1)
-    assert (cd.method, cd.optim.lr, cd.train.num_steps, cd.model.dropout) == ("cd", 1e-5, 600_000, 0.0)
+    assert (cd.method, cd.optim.lr, cd.train.num_steps, cd.model.dropout) == (
+        "cd",
+        1e-5,
+        600_000,
+        0.0,
+    )
     assert (cd.schedule.kind, cd.schedule.num_scales, cd.schedule.target_ema) == ("fixed", 40, 0.95)
     assert cd.loss.distance == "lpips" and lsun256_cd.get_config("cat_l2").loss.distance == "l2"
     assert lsun256_cd.get_config("cat_l2").data.dataset == "lsun/cat"
@@ -48,8 +54,9 @@ def test_an_imported_release_teacher_samples_and_starts_cd(tmp_path):
     teacher = lsun256_edm.get_config("test")
     state_dict = openai_state_dict(teacher.model, 16, random_arrays(0))
     np.savez(tmp_path / "edm_test256_ema.npz", **state_dict)
-    import_openai.import_checkpoint(str(tmp_path / "edm_test256_ema.npz"), teacher,
-                                    str(tmp_path / "edm"))
+    import_openai.import_checkpoint(
+        str(tmp_path / "edm_test256_ema.npz"), teacher, str(tmp_path / "edm")
+    )
     images, labels = Generator(str(tmp_path / "edm")).sample(2, batch_size=2)
     assert images.shape == (2, 16, 16, 3) and labels is None
 
@@ -59,4 +66,6 @@ def test_an_imported_release_teacher_samples_and_starts_cd(tmp_path):
     _, frozen = trainer.load_frozen_networks(config, mesh)
     start = trainer.initial_student(config, models.create_model(config.model), frozen)
     kernel = np.asarray(start["input_blocks_0_0"]["kernel"])
-    np.testing.assert_array_equal(kernel, state_dict["input_blocks.0.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        kernel, state_dict["input_blocks.0.0.weight"].transpose(2, 3, 1, 0)
+    )

@@ -1,4 +1,5 @@
 """Tests for the NCSN++ network and its FIR resampling layers."""
+
 import math
 
 import jax
@@ -27,26 +28,37 @@ def _hand_count(nf=128, mult=2, in_ch=3) -> int:
     """NCSN++ parameter count from the block definitions (paper config: 3 levels of width
     C = nf * mult, 4 blocks per level, attention at 16x16, temb width T = 4 nf)."""
     c, t = nf * mult, 4 * nf
-    gn = lambda ch: 2 * ch                                   # scale + bias
+    gn = lambda ch: 2 * ch  # scale + bias
     conv = lambda k, i, o: k * k * i * o + o
     dense = lambda i, o: i * o + o
-    attn = gn(c) + 4 * dense(c, c)                            # q, k, v, out NIN projections
+    attn = gn(c) + 4 * dense(c, c)  # q, k, v, out NIN projections
 
-    def block(i, o, resample=False):                          # BigGAN ResBlock
+    def block(i, o, resample=False):  # BigGAN ResBlock
         n = gn(i) + conv(3, i, o) + dense(t, o) + gn(o) + conv(3, o, o)
         return n + (conv(1, i, o) if i != o or resample else 0)
 
-    embed = nf + dense(2 * nf, t) + dense(t, t)               # Fourier W (frozen) + MLP
-    encoder = (conv(3, in_ch, nf)
-               + block(nf, c) + 3 * block(c, c)               # 32x32
-               + block(c, c, True) + conv(3, in_ch, c)        # down + input-pyramid FIR conv
-               + 4 * (block(c, c) + attn)                     # 16x16
-               + block(c, c, True) + conv(3, c, c)            # down + input-pyramid FIR conv
-               + 4 * block(c, c))                             # 8x8
+    embed = nf + dense(2 * nf, t) + dense(t, t)  # Fourier W (frozen) + MLP
+    encoder = (
+        conv(3, in_ch, nf)
+        + block(nf, c)
+        + 3 * block(c, c)  # 32x32
+        + block(c, c, True)
+        + conv(3, in_ch, c)  # down + input-pyramid FIR conv
+        + 4 * (block(c, c) + attn)  # 16x16
+        + block(c, c, True)
+        + conv(3, c, c)  # down + input-pyramid FIR conv
+        + 4 * block(c, c)
+    )  # 8x8
     middle = 2 * block(c, c) + attn
-    decoder = (5 * block(2 * c, c) + block(c, c, True)        # 8x8 (+ up)
-               + 5 * block(2 * c, c) + attn + block(c, c, True)  # 16x16 (+ up)
-               + 4 * block(2 * c, c) + block(c + nf, c))      # 32x32, last skip is conv_in
+    decoder = (
+        5 * block(2 * c, c)
+        + block(c, c, True)  # 8x8 (+ up)
+        + 5 * block(2 * c, c)
+        + attn
+        + block(c, c, True)  # 16x16 (+ up)
+        + 4 * block(2 * c, c)
+        + block(c + nf, c)
+    )  # 32x32, last skip is conv_in
     head = gn(c) + conv(3, c, in_ch)
     return embed + encoder + middle + decoder + head
 
@@ -71,10 +83,12 @@ def _init(model, x, c_noise, labels=None):
 
 def _apply_fn(model):
     """Apply; `rng` None means eval mode."""
+
     def apply(variables, x, c_noise, labels=None, rng=None):
         if rng is None:
             return model.apply(variables, x, c_noise, labels, train=False)
         return model.apply(variables, x, c_noise, labels, train=True, rngs={"dropout": rng})
+
     return apply
 
 
@@ -85,10 +99,13 @@ def _apply_fn(model):
 
 def test_paper_config_parameter_count():
     model = NCSNpp()  # defaults are the paper CIFAR-10 config
-    x, c_noise = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32), jax.ShapeDtypeStruct(
-        (1,), jnp.float32)
+    x, c_noise = (
+        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+    )
     variables = jax.eval_shape(
-        lambda k, x, s: model.init(k, x, s, train=False), jax.random.key(0), x, c_noise)
+        lambda k, x, s: model.init(k, x, s, train=False), jax.random.key(0), x, c_noise
+    )
     assert set(variables) == {"params"}  # no batch stats / mutable collections
     n = _count(variables)
     assert n == _hand_count() == PAPER_PARAMS == 56_395_651
@@ -123,23 +140,30 @@ def test_tiny_dropout_rngs(tiny_dropout):
     a = apply(variables, x, c_noise, rng=_key(10))
     b = apply(variables, x, c_noise, rng=_key(11))
     a2 = apply(variables, x, c_noise, rng=_key(10))
-    assert float(jnp.max(jnp.abs(a - b))) > 1e-3       # different masks
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3  # different masks
     np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))  # same rng, same output
     # Eval mode: dropout off, deterministic, and different from any train-mode draw.
     e1, e2 = apply(variables, x, c_noise), apply(variables, x, c_noise)
     np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
     assert float(jnp.max(jnp.abs(e1 - a))) > 1e-3
     no_dropout = NCSNpp(**TINY, dropout=0.0, init_scale=1.0)
-    np.testing.assert_array_equal(np.asarray(e1), np.asarray(_apply_fn(no_dropout)(
-        variables, x, c_noise)))
+    np.testing.assert_array_equal(
+        np.asarray(e1), np.asarray(_apply_fn(no_dropout)(variables, x, c_noise))
+    )
 
 
 def test_other_resolution_and_channels():
     """Any square resolution divisible by 2**(levels-1) and any channel count; also the DDPM
     block variant with input_skip / output_skip progressive paths."""
-    model = NCSNpp(**TINY, resblock_type="ddpm", progressive="output_skip",
-                   progressive_input="input_skip", progressive_combine="cat",
-                   embedding_type="positional", init_scale=1.0)
+    model = NCSNpp(
+        **TINY,
+        resblock_type="ddpm",
+        progressive="output_skip",
+        progressive_input="input_skip",
+        progressive_combine="cat",
+        embedding_type="positional",
+        init_scale=1.0,
+    )
     x, c_noise = _inputs(res=12, channels=5, batch=1)
     variables = _init(model, x, c_noise)
     out = _apply_fn(model)(variables, x, c_noise)
@@ -210,8 +234,9 @@ def test_fir_down_of_up_recovers_affine_image():
     ramp = (0.3 * i[:, None] - 0.2 * i[None, :] + 1.0)[None, :, :, None]
     y = layers.downsample_2d(layers.upsample_2d(ramp, FIR), FIR)
     assert y.shape == ramp.shape
-    np.testing.assert_allclose(np.asarray(y)[0, 1:-1, 1:-1], np.asarray(ramp)[0, 1:-1, 1:-1],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(y)[0, 1:-1, 1:-1], np.asarray(ramp)[0, 1:-1, 1:-1], atol=1e-5
+    )
 
 
 def test_fused_fir_conv_equals_unfused_in_interior():
@@ -219,16 +244,21 @@ def test_fused_fir_conv_equals_unfused_in_interior():
     except on the 1-pixel border, where the fused op pads once instead of twice (StyleGAN2)."""
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 2))
     w = jax.random.normal(jax.random.key(1), (3, 3, 2, 3))
-    conv = lambda v: jax.lax.conv_general_dilated(v, w, (1, 1), "SAME",
-                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = lambda v: jax.lax.conv_general_dilated(
+        v, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     up = layers.upsample_conv_2d(x, w, FIR)
-    np.testing.assert_allclose(np.asarray(up)[:, 1:-1, 1:-1],
-                               np.asarray(conv(layers.upsample_2d(x, FIR)))[:, 1:-1, 1:-1],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(up)[:, 1:-1, 1:-1],
+        np.asarray(conv(layers.upsample_2d(x, FIR)))[:, 1:-1, 1:-1],
+        atol=1e-4,
+    )
     down = layers.conv_downsample_2d(x, w, FIR)
-    np.testing.assert_allclose(np.asarray(down)[:, 1:-1, 1:-1],
-                               np.asarray(layers.downsample_2d(conv(x), FIR))[:, 1:-1, 1:-1],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(down)[:, 1:-1, 1:-1],
+        np.asarray(layers.downsample_2d(conv(x), FIR))[:, 1:-1, 1:-1],
+        atol=1e-4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,8 +293,8 @@ def test_class_conditional_labels_change_output():
     a = apply(variables, x, c_noise, labels)
     b = apply(variables, x, c_noise, jnp.array([3, 2]))
     diff = jnp.max(jnp.abs(a - b), axis=(1, 2, 3))
-    assert float(diff[0]) > 1e-3        # changed label changes that example
-    assert float(diff[1]) < 1e-5        # unchanged label leaves the other example alone
+    assert float(diff[0]) > 1e-3  # changed label changes that example
+    assert float(diff[1]) < 1e-5  # unchanged label leaves the other example alone
     with pytest.raises(ValueError, match="labels is None"):
         model.apply(variables, x, c_noise, train=False)
 
@@ -274,22 +304,29 @@ def test_class_conditional_labels_change_output():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, match", [
-    ((1, 30, 30, 3), "input resolution 30 is not divisible by 4 \\(ch_mult has 3 levels\\)"),
-    ((1, 32, 16, 3), "must be square"),
-    ((32, 32, 3), "must be \\[B, H, W, C\\]"),
-])
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((1, 30, 30, 3), "input resolution 30 is not divisible by 4 \\(ch_mult has 3 levels\\)"),
+        ((1, 32, 16, 3), "must be square"),
+        ((32, 32, 3), "must be \\[B, H, W, C\\]"),
+    ],
+)
 def test_bad_input_shape_raises(shape, match):
     model = NCSNpp()
     with pytest.raises(ValueError, match=match):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, jnp.zeros((1,)), train=False),
-                       jax.ShapeDtypeStruct(shape, jnp.float32))
+        jax.eval_shape(
+            lambda x: model.init(jax.random.key(0), x, jnp.zeros((1,)), train=False),
+            jax.ShapeDtypeStruct(shape, jnp.float32),
+        )
 
 
 def test_bad_options_raise():
     x, c_noise = _inputs()
-    for kwargs, match in [(dict(progressive="bogus"), "progressive='bogus'"),
-                          (dict(dtype="float64"), "dtype='float64'")]:
+    for kwargs, match in [
+        (dict(progressive="bogus"), "progressive='bogus'"),
+        (dict(dtype="float64"), "dtype='float64'"),
+    ]:
         with pytest.raises(ValueError, match=match):
             NCSNpp(**TINY, **kwargs).init(jax.random.key(0), x, c_noise, train=False)
     with pytest.raises(ValueError, match="c_noise must have shape"):
@@ -298,8 +335,9 @@ def test_bad_options_raise():
         NCSNpp(**TINY).init(jax.random.key(0), x, c_noise, jnp.array([0, 1]), train=False)
 
 
-@pytest.mark.parametrize("up, down, pad", [(1, 2, (1, 1)), (2, 1, (2, 1)), (1, 1, (2, 1)),
-                                           (1, 1, (-1, 2))])
+@pytest.mark.parametrize(
+    "up, down, pad", [(1, 2, (1, 1)), (2, 1, (2, 1)), (1, 1, (2, 1)), (1, 1, (-1, 2))]
+)
 def test_separable_fir_equals_the_depthwise_convolution(up, down, pad):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
     k = layers.fir_kernel_2d([1, 3, 3, 1], gain=up**2)

@@ -3,6 +3,7 @@
 For Gaussian data N(0, s²I) the ideal denoiser is D(x; σ) = s²/(s² + σ²)·x and the PF-ODE
 solution is x(σ) = x(σ₀)·√((s² + σ²)/(s² + σ₀²)).
 """
+
 import jax.numpy as jnp
 import pytest
 

@@ -1,19 +1,29 @@
 """Progressive distillation (PD), the CM paper's baseline: its stages, its target, its
 sampler, the stage change inside the train step, and a run from a trained EDM teacher."""
+
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from cm_jax import data, karras, losses, ode, optim, precond, sampling, schedules
-from cm_jax import train_state, trainer
-from cm_jax.generate import Generator
-from configs import cifar10_pd
-
 from test_losses import OracleNet, _batch, _x0
 from toy_networks import tiny_model
+
+from cm_jax import (
+    data,
+    karras,
+    losses,
+    ode,
+    optim,
+    precond,
+    sampling,
+    schedules,
+    train_state,
+    trainer,
+)
+from cm_jax.generate import Generator
+from configs import cifar10_pd
 
 K = 50_000  # The paper config's stage length, with N_0 = 4096.
 
@@ -26,9 +36,22 @@ def _official_num_scales(k, start=4096, per_stage=K):
     return max(2 // 2 ** int(sub_stage), 1) if scales == 2 else scales
 
 
-@pytest.mark.parametrize("k, expected", [
-    (0, 4096), (K - 1, 4096), (K, 2048), (2 * K, 1024), (10 * K, 4), (11 * K - 1, 4),
-    (11 * K, 2), (13 * K - 1, 2), (13 * K, 1), (800_000, 1), (10**9, 1)])
+@pytest.mark.parametrize(
+    "k, expected",
+    [
+        (0, 4096),
+        (K - 1, 4096),
+        (K, 2048),
+        (2 * K, 1024),
+        (10 * K, 4),
+        (11 * K - 1, 4),
+        (11 * K, 2),
+        (13 * K - 1, 2),
+        (13 * K, 1),
+        (800_000, 1),
+        (10**9, 1),
+    ],
+)
 def test_step_count_halves_every_stage_then_two_stages_of_two_and_one(k, expected):
     assert int(schedules.pd_num_scales(k)) == expected
     assert _official_num_scales(k) == expected
@@ -39,8 +62,10 @@ def test_step_counts_match_the_official_schedule_everywhere():
     got = np.asarray(jax.jit(schedules.pd_num_scales)(ks))
     np.testing.assert_array_equal(got, [_official_num_scales(int(k)) for k in ks])
     small = np.arange(12)  # N_0 = 4, K = 1: 4 | 2 2 | 1 …
-    np.testing.assert_array_equal(np.asarray(schedules.pd_num_scales(small, 4, 1)),
-                                  [_official_num_scales(int(k), 4, 1) for k in small])
+    np.testing.assert_array_equal(
+        np.asarray(schedules.pd_num_scales(small, 4, 1)),
+        [_official_num_scales(int(k), 4, 1) for k in small],
+    )
 
 
 def test_stages_start_where_the_step_count_changes_and_the_rate_decays_within_each():
@@ -49,15 +74,16 @@ def test_stages_start_where_the_step_count_changes_and_the_rate_decays_within_ea
     factor = lambda k: float(schedules.pd_lr_factor(k))
     assert factor(0) == 1.0 and factor(K // 2) == 0.5 and factor(K) == 1.0
     assert factor(K - 1) == pytest.approx(1 / K)
-    assert factor(11 * K) == 1.0 and factor(12 * K) == 0.5       # N = 2 decays over 2K
-    assert factor(13 * K) == 1.0 and factor(14 * K) == 0.5       # N = 1 too,
-    assert factor(15 * K) == 0.0 and factor(800_000) == 0.0      # and stays at 0 after
-    assert int(schedules.pd_learned_steps(K)) == 4096            # the stage just finished
+    assert factor(11 * K) == 1.0 and factor(12 * K) == 0.5  # N = 2 decays over 2K
+    assert factor(13 * K) == 1.0 and factor(14 * K) == 0.5  # N = 1 too,
+    assert factor(15 * K) == 0.0 and factor(800_000) == 0.0  # and stays at 0 after
+    assert int(schedules.pd_learned_steps(K)) == 4096  # the stage just finished
     assert int(schedules.pd_learned_steps(0)) == 4096
 
 
-@pytest.mark.parametrize("start, per_stage, match", [
-    (6, 10, "power of 2"), (1, 10, "power of 2"), (8, 0, "at least 1")])
+@pytest.mark.parametrize(
+    "start, per_stage, match", [(6, 10, "power of 2"), (1, 10, "power of 2"), (8, 0, "at least 1")]
+)
 def test_bad_pd_schedules_are_clear_errors(start, per_stage, match):
     with pytest.raises(ValueError, match=match):
         schedules.pd_num_scales(0, start, per_stage)
@@ -90,8 +116,9 @@ def test_target_is_the_clean_image_for_an_exact_teacher():
     # exactly, so the target is x0 whatever the noise and σ's.
     x0 = _x0()[None]
     z = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
-    target = losses.pd_target(lambda x, s: x0, x0 + 7.0 * z, jnp.array([7.0]),
-                              jnp.array([3.0]), jnp.array([0.4]))
+    target = losses.pd_target(
+        lambda x, s: x0, x0 + 7.0 * z, jnp.array([7.0]), jnp.array([3.0]), jnp.array([0.4])
+    )
     np.testing.assert_allclose(np.asarray(target), np.asarray(x0), atol=2e-6)
 
 
@@ -106,8 +133,9 @@ def test_loss_vanishes_for_the_exact_student_and_teacher():
     params = {"x0": _x0()}
     loss_fn = losses.get_loss_fn(OracleNet("edm"), config)
     for step in (0, 1, 3):  # N = 4, 2, 1: the last is one step from σ_max to σ_min.
-        loss, metrics = loss_fn(params, params, _batch(params["x0"]), jax.random.PRNGKey(step),
-                                step)
+        loss, metrics = loss_fn(
+            params, params, _batch(params["x0"]), jax.random.PRNGKey(step), step
+        )
         assert int(metrics["num_scales"]) == {0: 4, 1: 2, 3: 1}[step]
         assert float(loss) < 1e-9
     # A teacher that denoises to x0 + 0.2 moves the target there: the student pays
@@ -125,8 +153,9 @@ def test_loss_is_the_weighted_distance_to_the_teachers_two_half_steps():
     _, teacher = tiny_model((8, 8, 3), seed=2)
     x0 = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 3), minval=-1, maxval=1)
     rng = jax.random.PRNGKey(5)
-    loss, _ = losses.get_loss_fn(net, config)(student, teacher, {"image": x0, "label": None},
-                                              rng, 1)
+    loss, _ = losses.get_loss_fn(net, config)(
+        student, teacher, {"image": x0, "label": None}, rng, 1
+    )
     index_rng, noise_rng, _ = jax.random.split(rng, 3)
     n = 2  # N(1) with N_0 = 4 and K = 1
     j = jax.random.randint(index_rng, (4,), 0, n)
@@ -152,8 +181,9 @@ def test_sampler_takes_the_students_euler_steps():
     # rounding of the 80·z terms that cancel).
     for n in (1, 4):
         x = sampling.pd_sample(OracleNet("edm"), params, z, num_steps=n)
-        np.testing.assert_allclose(np.asarray(x), np.asarray(jnp.clip(x0 + 0.002 * z, -1, 1)),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(jnp.clip(x0 + 0.002 * z, -1, 1)), atol=1e-4
+        )
     # One step by hand, for a network that is not exact: x = 80z + (0.002 − 80)·(80z − D)/80.
     net = OracleNet("edm", error=0.3)
     d = precond.edm_denoiser(net, params, 80.0 * z, 80.0)
@@ -179,8 +209,9 @@ def test_a_new_stage_makes_the_student_the_teacher_and_restarts_the_optimizer():
         states.append(jax.device_get(state))
         metrics.append(jax.device_get(m))
     assert [int(m["num_scales"]) for m in metrics] == [4, 2, 2, 1]
-    same = lambda a, b: all(np.array_equal(x, y) for x, y in
-                            zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    same = lambda a, b: all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
     # k = 0 keeps the EDM teacher; k = 1 and k = 3 start stages from the θ they are given.
     assert same(states[1].target_params, teacher0)
     assert same(states[2].target_params, states[1].params)
@@ -192,8 +223,9 @@ def test_a_new_stage_makes_the_student_the_teacher_and_restarts_the_optimizer():
     assert [float(m["lr"]) for m in metrics] == pytest.approx([5e-5, 5e-5, 2.5e-5, 5e-5])
     rate = 0.9
     ema = lambda s: s.ema_params[train_state.ema_key(rate)]
-    expected = jax.tree.map(lambda a, b: rate * a + (1 - rate) * b, states[3].params,
-                            states[4].params)
+    expected = jax.tree.map(
+        lambda a, b: rate * a + (1 - rate) * b, states[3].params, states[4].params
+    )
     for got, want in zip(jax.tree.leaves(ema(states[4])), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert not same(states[4].params, states[3].params)

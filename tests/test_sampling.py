@@ -1,6 +1,7 @@
 """Samplers: CM Algorithm 1 against one-step sampling and a hand-written loop, per-sample noise,
 time-point checks, and EDM's Heun / Euler samplers against probability-flow ODEs with closed
 form solutions."""
+
 import functools
 
 import jax
@@ -40,7 +41,8 @@ def test_multistep_follows_algorithm_1(model):
     z, keys = _noise(range(3))
     sigmas = [80.0, 0.821]
     got = jax.jit(lambda p, z, k: sampling.multistep_sample(net, p, z, sigmas, noise_rng=k))(
-        params, z, keys)
+        params, z, keys
+    )
 
     f = jax.jit(lambda x, s: jnp.clip(precond.consistency_fn(net, params, x, s), -1.0, 1.0))
     z1 = jnp.stack([jax.random.normal(jax.random.fold_in(k, 1), SHAPE) for k in keys])
@@ -61,8 +63,9 @@ def test_samples_do_not_depend_on_the_batch_they_are_drawn_in(model):
     """Indices 0..3 in one batch of 4 and in two batches of 2 (in another order): the same
     noise bit for bit and the same images."""
     net, params = model
-    sample = jax.jit(lambda p, z, k: sampling.multistep_sample(
-        net, p, z, [80.0, 1.5, 0.3], noise_rng=k))
+    sample = jax.jit(
+        lambda p, z, k: sampling.multistep_sample(net, p, z, [80.0, 1.5, 0.3], noise_rng=k)
+    )
     z, keys = _noise(range(4))
     whole = sample(params, z, keys)
     parts = []
@@ -88,34 +91,42 @@ def test_noise_rng_must_hold_one_key_per_sample(model):
 def test_sigmas_from_indices_official_convention():
     # Index i of the descending 40-point grid: (80^{1/7} + i/39·(0.002^{1/7} − 80^{1/7}))^7;
     # i = 22 is 1.382368. The final index 39 (σ_min) only sets zero noise: dropped.
-    np.testing.assert_allclose(sampling.sigmas_from_indices((0, 22, 39), 40),
-                               [80.0, 1.382368], rtol=1e-6)
-    np.testing.assert_allclose(sampling.sigmas_from_indices((0, 17), 40), [80.0, 4.365562],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        sampling.sigmas_from_indices((0, 22, 39), 40), [80.0, 1.382368], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        sampling.sigmas_from_indices((0, 17), 40), [80.0, 4.365562], rtol=1e-6
+    )
     assert list(sampling.sigmas_from_indices((0, 39), 40)) == [80.0]
 
 
-@pytest.mark.parametrize("ts, message", [
-    ((0, 22, 22, 39), "strictly increasing"),
-    ((0, 30, 22), "strictly increasing"),
-    ((0, 22, 40), r"\[0, N−1\] = \[0, 39\]"),
-    ((1, 22, 39), "start at 0"),
-    ((0, 2.5), "integers"),
-    ((), "non-empty"),
-])
+@pytest.mark.parametrize(
+    "ts, message",
+    [
+        ((0, 22, 22, 39), "strictly increasing"),
+        ((0, 30, 22), "strictly increasing"),
+        ((0, 22, 40), r"\[0, N−1\] = \[0, 39\]"),
+        ((1, 22, 39), "start at 0"),
+        ((0, 2.5), "integers"),
+        ((), "non-empty"),
+    ],
+)
 def test_bad_indices_are_named(ts, message):
     with pytest.raises(ValueError, match=message):
         sampling.sigmas_from_indices(ts, 40)
 
 
-@pytest.mark.parametrize("sigmas, message", [
-    ([80.0, 80.0], "strictly decreasing, got \\[80.0, 80.0\\]"),
-    ([1.0, 5.0], "strictly decreasing"),
-    ([5.0, -1.0], "positive"),
-    ([90.0, 1.0], "≤ σ_max = 80.0"),
-    ([80.0, 0.001], "≥ σ_min = 0.002"),
-    ([], "non-empty"),
-])
+@pytest.mark.parametrize(
+    "sigmas, message",
+    [
+        ([80.0, 80.0], "strictly decreasing, got \\[80.0, 80.0\\]"),
+        ([1.0, 5.0], "strictly decreasing"),
+        ([5.0, -1.0], "positive"),
+        ([90.0, 1.0], "≤ σ_max = 80.0"),
+        ([80.0, 0.001], "≥ σ_min = 0.002"),
+        ([], "non-empty"),
+    ],
+)
 def test_bad_time_points_are_named(sigmas, message):
     with pytest.raises(ValueError, match=message):
         sampling.validate_sigmas(sigmas, 80.0, 0.002)
@@ -142,9 +153,17 @@ def _data_point(x):
 def test_edm_lands_on_a_single_data_point(solver, num_steps):
     x0 = jnp.linspace(-0.9, 0.9, np.prod(SHAPE)).reshape((1,) + SHAPE)
     z, keys = _noise(range(3))
-    run = jax.jit(lambda z, k, churn: sampling.edm_sample(
-        _data_point(x0), z, sampling.edm_sigmas(num_steps), solver=solver, S_churn=churn,
-        noise_rng=k), static_argnums=2)
+    run = jax.jit(
+        lambda z, k, churn: sampling.edm_sample(
+            _data_point(x0),
+            z,
+            sampling.edm_sigmas(num_steps),
+            solver=solver,
+            S_churn=churn,
+            noise_rng=k,
+        ),
+        static_argnums=2,
+    )
     out = run(z, keys, 0.0)
     np.testing.assert_allclose(out, jnp.broadcast_to(x0, out.shape), atol=1e-5)
     # EDM Algorithm 2's churn moves along the line and back onto it: still x0.
@@ -159,7 +178,11 @@ def _gaussian_ratio(num_steps, heun):
     x = 1.0
     for a, b in zip(sig[:-1], sig[1:]):
         d = slope(x, a)
-        x = x + (b - a) * 0.5 * (d + slope(x + (b - a) * d, b)) if heun and b > 0 else x + (b - a) * d
+        x = (
+            x + (b - a) * 0.5 * (d + slope(x + (b - a) * d, b))
+            if heun and b > 0
+            else x + (b - a) * d
+        )
     return x
 
 
@@ -174,8 +197,9 @@ def test_edm_on_gaussian_data_against_the_exact_solution():
         out = sampling.edm_sample(denoise, z, sampling.edm_sigmas(18), solver=solver)
         err[solver] = float(jnp.max(jnp.abs(out / exact - 1.0)))
         # The solver is the recursion it claims to be (float64 reference, same grid).
-        np.testing.assert_allclose(out, 80.0 * z * _gaussian_ratio(18, solver == "heun"),
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            out, 80.0 * z * _gaussian_ratio(18, solver == "heun"), rtol=1e-5, atol=1e-7
+        )
     assert err["heun"] < 0.06  # 5.5 % with 18 steps (the curvature sits around σ = s)
     assert err["euler"] > 2.5 * err["heun"]  # 15 %
     finer = sampling.edm_sample(denoise, z, sampling.edm_sigmas(40), solver="heun")

@@ -20,16 +20,31 @@ def test_ct_target_ema_both_formulas():
     # N = 2: official exp(2·ln 0.9/1) = 0.81; paper exp(2·ln 0.9/2) = 0.9.
     assert float(schedules.ct_target_ema(2, 2, 0.9, "official")) == pytest.approx(0.81, rel=1e-6)
     assert float(schedules.ct_target_ema(2, 2, 0.9, "paper")) == pytest.approx(0.9, rel=1e-6)
-    # N = 76 and 151 (k = 200k, 800k): exp(−0.2107210/75) = 0.997194, exp(−0.2107210/150) = 0.998596.
-    assert float(schedules.ct_target_ema(76, 2, 0.9, "official")) == pytest.approx(0.997194, abs=1e-6)
-    assert float(schedules.ct_target_ema(151, 2, 0.9, "official")) == pytest.approx(0.998596, abs=1e-6)
+    # N = 76 and 151 (k = 200k, 800k):
+    # exp(−0.2107210/75) = 0.997194, exp(−0.2107210/150) = 0.998596.
+    assert float(schedules.ct_target_ema(76, 2, 0.9, "official")) == pytest.approx(
+        0.997194, abs=1e-6
+    )
+    assert float(schedules.ct_target_ema(151, 2, 0.9, "official")) == pytest.approx(
+        0.998596, abs=1e-6
+    )
     with pytest.raises(ValueError, match="formula"):
         schedules.ct_target_ema(2, 2, 0.9, "neither")
 
 
-@pytest.mark.parametrize("k, expected", [(0, 11), (49_999, 11), (50_000, 21), (100_000, 41),
-                                         (300_000, 641), (350_000, 1281), (399_999, 1281),
-                                         (10_000_000, 1281)])
+@pytest.mark.parametrize(
+    "k, expected",
+    [
+        (0, 11),
+        (49_999, 11),
+        (50_000, 21),
+        (100_000, 41),
+        (300_000, 641),
+        (350_000, 1281),
+        (399_999, 1281),
+        (10_000_000, 1281),
+    ],
+)
 def test_ict_num_scales(k, expected):
     # K' = ⌊400k / (log2⌊1280/10⌋ + 1)⌋ = 400k/8 = 50k.
     assert schedules.ict_stage_length(400_000, 10, 1280) == 50_000
@@ -50,20 +65,21 @@ def test_lognormal_pair_probabilities_match_the_normal_cdf():
     n, max_scales = 11, 20
     logits = schedules.lognormal_pair_logits(jnp.int32(n), max_scales, -1.1, 2.0)
     probs = np.asarray(jax.nn.softmax(logits))
-    assert np.all(probs[n - 1:] == 0.0)
+    assert np.all(probs[n - 1 :] == 0.0)
     sigmas = np.asarray(karras.karras_sigmas(n), np.float64)
     mass = np.diff(stats.norm.cdf(np.log(sigmas), loc=-1.1, scale=2.0))
-    np.testing.assert_allclose(probs[:n - 1], mass / mass.sum(), rtol=1e-4)
+    np.testing.assert_allclose(probs[: n - 1], mass / mass.sum(), rtol=1e-4)
 
 
 def test_lognormal_sampling_frequencies_and_range():
     n = 11
-    i = schedules.sample_pair_index(jax.random.PRNGKey(0), 200_000, jnp.int32(n), "lognormal",
-                                    1281, -1.1, 2.0)
+    i = schedules.sample_pair_index(
+        jax.random.PRNGKey(0), 200_000, jnp.int32(n), "lognormal", 1281, -1.1, 2.0
+    )
     i = np.asarray(i)
     assert i.min() >= 0 and i.max() <= n - 2
     freq = np.bincount(i, minlength=n - 1) / i.size
-    expected = np.asarray(jax.nn.softmax(schedules.lognormal_pair_logits(n, 1281)))[:n - 1]
+    expected = np.asarray(jax.nn.softmax(schedules.lognormal_pair_logits(n, 1281)))[: n - 1]
     np.testing.assert_allclose(freq, expected, atol=4e-3)
 
 
@@ -72,9 +88,10 @@ def test_uniform_sampling_range():
     assert set(np.unique(i)) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("weighting, expected", [("uniform", 1.0), ("ict", 1.0 / 0.5),
-                                                  ("snr", 0.25), ("snrp1", 1.25),
-                                                  ("truncated_snr", 1.0)])
+@pytest.mark.parametrize(
+    "weighting, expected",
+    [("uniform", 1.0), ("ict", 1.0 / 0.5), ("snr", 0.25), ("snrp1", 1.25), ("truncated_snr", 1.0)],
+)
 def test_pair_weights(weighting, expected):
     w = schedules.pair_weight(jnp.float32(1.5), jnp.float32(2.0), weighting)
     assert float(w) == pytest.approx(expected)

@@ -1,6 +1,7 @@
 """sCM (Lu & Song 2025): TrigFlow coordinates by hand, the velocity as the EDM network read in
 them, the tangent of the exact consistency function, the loss and its gradient against a
 closed-form network, and sCT / sCD runs through the trainer."""
+
 import json
 import math
 
@@ -9,16 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ect import start_from_teacher
+from test_losses import OracleNet, _batch, _x0
+from test_trainer import _assert_trees_close, _run
+from toy_networks import TinyNet, tiny_model
 
 from cm_jax import losses, models, precond, runs, train_state, trainer, trigflow
 from cm_jax.generate import Generator
 from cm_jax.models import uncertainty
 from configs import cifar10_edm, cifar10_scd, cifar10_sct
-
-from test_ect import start_from_teacher
-from test_losses import OracleNet, _batch, _x0
-from test_trainer import _assert_trees_close, _run
-from toy_networks import TinyNet, tiny_model
 
 SIZE = 8
 SIGMA_DATA = 0.5
@@ -40,21 +40,24 @@ def test_trigflow_coordinates_by_hand():
     assert float(trigflow.time_from_sigma(jnp.float32(0.5))) == pytest.approx(math.pi / 4)
     assert float(trigflow.time_from_sigma(jnp.float32(0.0))) == 0.0
     assert float(trigflow.time_from_sigma(jnp.float32(80.0))) == pytest.approx(
-        math.pi / 2 - math.atan(0.5 / 80.0), rel=1e-7)
+        math.pi / 2 - math.atan(0.5 / 80.0), rel=1e-7
+    )
     assert float(trigflow.sigma_from_time(jnp.float32(math.pi / 4))) == pytest.approx(0.5)
     x0, z = jnp.full((1, 2, 2, 1), 0.6), jnp.full((1, 2, 2, 1), -0.2)
     quarter, zero = jnp.asarray([math.pi / 4]), jnp.asarray([0.0])
     # At t = π/4: x_t = (x0 + z)/√2 = 0.2828427, dx_t/dt = (z − x0)/√2 = −0.5656854.
     np.testing.assert_allclose(trigflow.noisy(x0, z, quarter), 0.4 / math.sqrt(2), rtol=1e-6)
-    np.testing.assert_allclose(trigflow.training_velocity(x0, z, quarter), -0.8 / math.sqrt(2),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        trigflow.training_velocity(x0, z, quarter), -0.8 / math.sqrt(2), rtol=1e-6
+    )
     np.testing.assert_allclose(trigflow.noisy(x0, z, zero), 0.6)
     np.testing.assert_allclose(trigflow.training_velocity(x0, z, zero), -0.2)
     # x_t/cos(t) is EDM's x_σ = x0 + σ·z/σ_d with σ = σ_d·tan(t).
     t = jnp.asarray([1.2])
     sigma = float(trigflow.sigma_from_time(t)[0])
-    np.testing.assert_allclose(trigflow.noisy(x0, z, t) / math.cos(1.2),
-                               0.6 + sigma * (-0.2) / SIGMA_DATA, rtol=1e-5)
+    np.testing.assert_allclose(
+        trigflow.noisy(x0, z, t) / math.cos(1.2), 0.6 + sigma * (-0.2) / SIGMA_DATA, rtol=1e-5
+    )
 
 
 def test_tangent_warmup_and_normalisation_by_hand():
@@ -62,10 +65,12 @@ def test_tangent_warmup_and_normalisation_by_hand():
     assert float(trigflow.tangent_warmup(0, 0)) == 1.0
     g = jnp.stack([jnp.full((2, 2, 1), 3.0), jnp.full((2, 2, 1), -0.5)])
     # rms: |g| per element / (|g| + 0.1); l2: ‖g‖ = 2|g| here (4 elements).
-    np.testing.assert_allclose(trigflow.normalize_tangent(g, 0.1, "rms")[:, 0, 0, 0],
-                               [3.0 / 3.1, -0.5 / 0.6], rtol=1e-6)
-    np.testing.assert_allclose(trigflow.normalize_tangent(g, 0.1, "l2")[:, 0, 0, 0],
-                               [3.0 / 6.1, -0.5 / 1.1], rtol=1e-6)
+    np.testing.assert_allclose(
+        trigflow.normalize_tangent(g, 0.1, "rms")[:, 0, 0, 0], [3.0 / 3.1, -0.5 / 0.6], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        trigflow.normalize_tangent(g, 0.1, "l2")[:, 0, 0, 0], [3.0 / 6.1, -0.5 / 1.1], rtol=1e-6
+    )
     with pytest.raises(ValueError, match="tangent norm 'max'"):
         trigflow.normalize_tangent(g, 0.1, "max")
 
@@ -76,8 +81,9 @@ def test_central_difference_by_hand():
     t = jnp.asarray([0.4, 1.5])
     fn = lambda v, s: jnp.sin(s)[:, None, None, None] * v**2
     want = 2 * np.sin([0.4, 1.5]) * 0.8 * -0.3 + np.cos([0.4, 1.5]) * 0.64
-    np.testing.assert_allclose(trigflow.central_difference(fn, x, t, dx)[:, 0, 0, 0], want,
-                               rtol=2e-3)
+    np.testing.assert_allclose(
+        trigflow.central_difference(fn, x, t, dx)[:, 0, 0, 0], want, rtol=2e-3
+    )
 
 
 def test_velocity_is_the_edm_network_read_in_trigflow_coordinates():
@@ -131,8 +137,10 @@ def _loss_by_hand(a, x0, rng, step, config):
     """
     sigma_rng, noise_rng, _ = jax.random.split(rng, 3)
     n, sd = x0.shape[0], SIGMA_DATA
-    sigma = np.exp(config.loss.p_mean + config.loss.p_std * np.asarray(
-        jax.random.normal(sigma_rng, (n,)), np.float64))
+    sigma = np.exp(
+        config.loss.p_mean
+        + config.loss.p_std * np.asarray(jax.random.normal(sigma_rng, (n,)), np.float64)
+    )
     z = sd * np.asarray(jax.random.normal(noise_rng, x0.shape), np.float64)
     x0 = np.asarray(x0, np.float64)
     t = np.arctan2(sigma, sd)[:, None, None, None]
@@ -142,7 +150,7 @@ def _loss_by_hand(a, x0, rng, step, config):
     F = -(a * np.sin(c) * x_t / sd + c**2)
     dF = -(a * np.cos(c) / 4.0 * x_t / sd + a * np.sin(c) * cos * sin * v / sd + c / 2.0)
     r = min(1.0, step / config.scm.tangent_warmup_steps)
-    g = -cos**2 * (sd * F - v) - r * (cos * sin * x_t + sd * dF)
+    g = -(cos**2) * (sd * F - v) - r * (cos * sin * x_t + sd * dF)
     rms = np.sqrt(np.mean(g.reshape(n, -1) ** 2, axis=1))[:, None, None, None]
     g = g / (rms + config.scm.tangent_norm_c)
     m = np.mean(g.reshape(n, -1) ** 2, axis=1)
@@ -160,8 +168,9 @@ def test_loss_and_its_gradient_equal_the_closed_form(step):
     x = jax.random.uniform(jax.random.PRNGKey(7), (16, SIZE, SIZE, 3), minval=-1, maxval=1)
     batch, rng = {"image": x, "label": jnp.zeros((16,), jnp.int32)}, jax.random.PRNGKey(11)
     loss_fn = losses.get_loss_fn(net, config)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, None, batch, rng,
-                                                                         step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, None, batch, rng, step
+    )
     want_loss, want_da, want_dbias = _loss_by_hand(0.7, x, rng, step, config)
     assert float(metrics["log_variance"]) == 0.0
     assert float(loss) == pytest.approx(want_loss, rel=2e-4)
@@ -214,8 +223,9 @@ def test_uncertainty_head_starts_at_zero_and_travels_beside_the_network():
     head = uncertainty.init_params(16, jax.random.PRNGKey(0))
     assert train_state.count_params(head) == 17  # Fixed features, one linear layer.
     params = uncertainty.attach({"w": jnp.ones(2)}, head)
-    np.testing.assert_array_equal(uncertainty.log_variance(params, jnp.linspace(-2, 2, 5), 16),
-                                  np.zeros(5))
+    np.testing.assert_array_equal(
+        uncertainty.log_variance(params, jnp.linspace(-2, 2, 5), 16), np.zeros(5)
+    )
     network, split_head = uncertainty.split(params)
     assert set(network) == {"w"} and split_head is head
     assert uncertainty.split({"w": 1}) == ({"w": 1}, None)
@@ -266,7 +276,7 @@ def test_paper_recipe():
     assert (c.loss.p_mean, c.loss.p_std, c.optim.beta2) == (-1.0, 1.4, 0.99)
     assert (c.optim.lr, c.train.batch_size, c.teacher.init_student) == (1e-4, 512, True)
     assert c.train.ema_rates[0] == pytest.approx(0.99929, abs=1e-5)  # 0.5M-image half-life
-    assert c.sample.sigmas[1] == pytest.approx(0.9823798)            # t = 1.1
+    assert c.sample.sigmas[1] == pytest.approx(0.9823798)  # t = 1.1
     assert (c.scm.tangent_norm_c, c.scm.tangent_warmup_steps) == (0.1, 10_000)
     d = cifar10_scd.get_config()
     assert (d.method, d.model.dropout, d.teacher.init_student) == ("scd", 0.0, True)

@@ -1,12 +1,13 @@
 """The sharded train step, the update order, checkpoints and resume."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_networks import TinyNet
 
 from cm_jax import checkpoint, data, lpips, models, optim, train_state, trainer
 from configs import cifar10_ct, cifar10_edm, cifar10_ict
-from toy_networks import TinyNet
 
 
 def _setup(config, devices, net=None):
@@ -23,8 +24,15 @@ def _batches(config, mesh, steps):
     images = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     dataset = data.ImageDataset(images, np.zeros(64, np.int32))
     sharding = train_state.batch_sharding(mesh, config.train.steps_per_call)
-    with data.TrainIterator(dataset, config.train.batch_size, sharding, 0, 0, True,
-                            steps_per_call=config.train.steps_per_call) as it:
+    with data.TrainIterator(
+        dataset,
+        config.train.batch_size,
+        sharding,
+        0,
+        0,
+        True,
+        steps_per_call=config.train.steps_per_call,
+    ) as it:
         return [batch for _, (_, batch) in zip(range(steps), it)]
 
 
@@ -76,11 +84,14 @@ def test_update_order_optimizer_then_eval_emas_then_target():
     expected_target = jax.tree.map(lambda a, b: 0.81 * a + 0.19 * b, p0, state1.params)
     _assert_trees_close(state1.target_params, expected_target, rtol=1e-6, atol=1e-7)
     for rate in config.train.ema_rates:
-        expected = jax.tree.map(lambda a, b: rate * a + (1 - rate) * b, p0, state1.params)
-        _assert_trees_close(state1.ema_params[train_state.ema_key(rate)], expected,
-                            rtol=1e-6, atol=1e-7)
-    moved = [float(np.abs(a - b).max()) for a, b in
-             zip(jax.tree.leaves(p0), jax.tree.leaves(state1.params))]
+        expected = jax.tree.map(lambda a, b, r=rate: r * a + (1 - r) * b, p0, state1.params)
+        _assert_trees_close(
+            state1.ema_params[train_state.ema_key(rate)], expected, rtol=1e-6, atol=1e-7
+        )
+    moved = [
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(state1.params))
+    ]
     assert max(moved) > 0
 
 
@@ -97,12 +108,15 @@ def test_edm_state_has_no_target_network():
     assert state.target_params is None and np.isfinite(metrics[0]["loss"])
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("batch_size", 12, "not divisible by the 8 devices"),
-    ("save_every", 3, "train.save_every=3 must be a multiple"),
-    ("log_every", 0, "train.log_every=0"),
-    ("ema_rates", (1.5,), "must lie in"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("batch_size", 12, "not divisible by the 8 devices"),
+        ("save_every", 3, "train.save_every=3 must be a multiple"),
+        ("log_every", 0, "train.log_every=0"),
+        ("ema_rates", (1.5,), "must lie in"),
+    ],
+)
 def test_bad_train_settings_are_clear_errors(field, value, match):
     config = cifar10_ct.get_config("test")
     config.train.steps_per_call = 2 if field == "save_every" else 1
@@ -152,24 +166,30 @@ def test_lpips_without_vgg_weights_is_a_clear_error():
 # --------------------------------------------------------------------------- microbatches
 def _mean_square_gradient(weights):
     """A deterministic per-example loss and its gradient, in accumulate_gradient's form."""
+
     def gradient(rows, key):
         def loss(w):
             per_example = jnp.mean((rows["image"] * w) ** 2, axis=(1, 2, 3))
             return jnp.mean(per_example), {"loss": jnp.mean(per_example)}
+
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(weights)
         return grads, metrics
+
     return gradient
 
 
 def test_accumulated_gradient_equals_the_whole_batch_gradient():
     mesh = train_state.create_mesh(jax.devices())
     rng = np.random.default_rng(1)
-    images = jax.device_put(rng.normal(size=(32, 4, 4, 3)).astype(np.float32),
-                            train_state.batch_sharding(mesh))
+    images = jax.device_put(
+        rng.normal(size=(32, 4, 4, 3)).astype(np.float32), train_state.batch_sharding(mesh)
+    )
     batch = {"image": images, "label": jnp.zeros(32, jnp.int32)}
     gradient = _mean_square_gradient(jnp.asarray(rng.normal(size=(3,)), jnp.float32))
-    run = jax.jit(lambda b, k: trainer.accumulate_gradient(gradient, b, jax.random.PRNGKey(0),
-                                                           k, mesh), static_argnums=1)
+    run = jax.jit(
+        lambda b, k: trainer.accumulate_gradient(gradient, b, jax.random.PRNGKey(0), k, mesh),
+        static_argnums=1,
+    )
     whole, whole_metrics = run(batch, 1)
     for k in (2, 4):
         grads, metrics = run(batch, k)

@@ -1,4 +1,5 @@
 """Small stand-ins with the NCSN++ call signature, for tests that need a network but not NCSN++."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

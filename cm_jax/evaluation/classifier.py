@@ -15,6 +15,7 @@ W = ``fc.weight``.T is read; the bias and the convolutions are left alone (pool3
 ``eval.classifier_path`` takes either the .pth (torch needed, the CPU build is enough, and
 imported only then) or the npz this converter writes (numpy only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,11 @@ def default_path() -> str:
 
 def _checked(weight: np.ndarray, shape: tuple[int, int], path: str, name: str) -> np.ndarray:
     if weight.shape != shape:
-        raise ValueError(f"{name} in {path} has shape {tuple(weight.shape)}, expected {shape}: "
-                         f"not the 2015-12-05 graph's {NUM_CLASSES}-way classifier (use "
-                         f"pytorch-fid's {PYTORCH_FID_FILE})")
+        raise ValueError(
+            f"{name} in {path} has shape {tuple(weight.shape)}, expected {shape}: "
+            f"not the 2015-12-05 graph's {NUM_CLASSES}-way classifier (use "
+            f"pytorch-fid's {PYTORCH_FID_FILE})"
+        )
     return np.asarray(weight, np.float32)
 
 
@@ -49,16 +52,19 @@ def read_pth(path: str) -> np.ndarray:
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-        raise ImportError(f"Reading {path} needs torch (the CPU build is enough), or an npz "
-                          f"converted elsewhere with `{CONVERT_COMMAND} --pth {path}`") from e
+        raise ImportError(
+            f"Reading {path} needs torch (the CPU build is enough), or an npz "
+            f"converted elsewhere with `{CONVERT_COMMAND} --pth {path}`"
+        ) from e
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
         raise ValueError(f"{path} is not a torch state dict ({PYTORCH_FID_FILE}): {e}") from e
     if not isinstance(state, dict) or "fc.weight" not in state:
         keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} has no fc.weight (it holds {keys}): not pytorch-fid's "
-                         f"{PYTORCH_FID_FILE}")
+        raise ValueError(
+            f"{path} has no fc.weight (it holds {keys}): not pytorch-fid's {PYTORCH_FID_FILE}"
+        )
     weight = state["fc.weight"].detach().cpu().numpy()
     return _checked(weight, (NUM_CLASSES, POOL3_DIM), path, "fc.weight").T
 
@@ -74,16 +80,19 @@ def read_npz(path: str) -> np.ndarray:
 def load_classifier(path: str) -> np.ndarray:
     """W [2048, 1008] float32 from a pytorch-fid .pth or a converted .npz."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception Score classifier {path!r} not found: set "
-                                f"eval.classifier_path to pytorch-fid's {PYTORCH_FID_FILE}")
+        raise FileNotFoundError(
+            f"Inception Score classifier {path!r} not found: set "
+            f"eval.classifier_path to pytorch-fid's {PYTORCH_FID_FILE}"
+        )
     return read_npz(path) if path.endswith(".npz") else read_pth(path)
 
 
 def class_probs(pool3, weight: np.ndarray, block: int = 10_000) -> np.ndarray:
     """p(y | x) = softmax(pool3 @ W) [N, 1008], a block of rows at a time (50,000 features in
     float64 at once would take 800 MB)."""
-    return np.concatenate([fid.classifier_probs(pool3[i:i + block], weight)
-                           for i in range(0, len(pool3), block)])
+    return np.concatenate(
+        [fid.classifier_probs(pool3[i : i + block], weight) for i in range(0, len(pool3), block)]
+    )
 
 
 def inception_score(pool3, weight: np.ndarray, splits: int = 10) -> tuple[float, float]:
@@ -99,8 +108,12 @@ def convert(pth: str, out: str | None = None) -> str:
         sha256 = hashlib.sha256(f.read()).hexdigest()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = out + ".partial.npz"  # written whole, then renamed: never a torn file at `out`
-    np.savez(partial, weight=weight, source=np.array(os.path.basename(pth)),
-             source_sha256=np.array(sha256))
+    np.savez(
+        partial,
+        weight=weight,
+        source=np.array(os.path.basename(pth)),
+        source_sha256=np.array(sha256),
+    )
     os.replace(partial, out)
     return out
 

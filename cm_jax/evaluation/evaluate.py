@@ -9,6 +9,7 @@ sFID need nothing more; precision/recall and KID compare individual features, so
 also writes the reference's pool3 features to a companion file (`<stats>_pool3.npy`), and eval
 keeps the samples' pool3 features when the reference has them or an IS classifier is given.
 """
+
 import glob
 import hashlib
 import json
@@ -26,11 +27,15 @@ from cm_jax.train_state import batch_sharding, create_mesh, replicated
 RESIZE_CONVENTION = "tf1_bilinear_299_no_half_pixel_centers"
 PR_NEIGHBOURS = 3  # k of precision/recall, as guided-diffusion's evaluator
 IS_SPLITS = 10
-NO_REFERENCE_FEATURES = ("unavailable: the reference has no pool3 features; rerun --mode=stats "
-                         "(eval.ref_features_max > 0) to write them")
-NO_CLASSIFIER = ("unavailable: set eval.classifier_path to pytorch-fid's "
-                 f"{classifier.PYTORCH_FID_FILE} (or its npz from "
-                 f"`{classifier.CONVERT_COMMAND}`)")
+NO_REFERENCE_FEATURES = (
+    "unavailable: the reference has no pool3 features; rerun --mode=stats "
+    "(eval.ref_features_max > 0) to write them"
+)
+NO_CLASSIFIER = (
+    "unavailable: set eval.classifier_path to pytorch-fid's "
+    f"{classifier.PYTORCH_FID_FILE} (or its npz from "
+    f"`{classifier.CONVERT_COMMAND}`)"
+)
 
 
 class FeatureExtractor:
@@ -43,8 +48,11 @@ class FeatureExtractor:
         devices = mesh.devices.size
         self.batch_size = max(devices, batch_size // devices * devices)
         split = batch_sharding(mesh)
-        self._fn = jax.jit(lambda params, images: inception.extract_features(params, images),
-                           in_shardings=(replicated(mesh), split), out_shardings=split)
+        self._fn = jax.jit(
+            lambda params, images: inception.extract_features(params, images),
+            in_shardings=(replicated(mesh), split),
+            out_shardings=split,
+        )
 
     def weights_sha1(self):
         with np.load(self.params_path) as f:
@@ -54,7 +62,7 @@ class FeatureExtractor:
         """Features of uint8 images [N, H, W, C], padded to full batches so shapes never change."""
         pool3, spatial = [], []
         for start in range(0, len(images), self.batch_size):
-            chunk = np.asarray(images[start:start + self.batch_size])
+            chunk = np.asarray(images[start : start + self.batch_size])
             count = len(chunk)
             if count < self.batch_size:
                 pad = np.zeros((self.batch_size - count,) + chunk.shape[1:], chunk.dtype)
@@ -95,8 +103,15 @@ class ImageStats:
         mu_spatial, sigma_spatial, and meta_* strings."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         meta = {f"meta_{k}": np.array(v) for k, v in self.pool3.metadata.items()}
-        np.savez(path, mu=self.pool3.mean, sigma=self.pool3.cov, n=self.pool3.n,
-                 mu_spatial=self.spatial.mean, sigma_spatial=self.spatial.cov, **meta)
+        np.savez(
+            path,
+            mu=self.pool3.mean,
+            sigma=self.pool3.cov,
+            n=self.pool3.n,
+            mu_spatial=self.spatial.mean,
+            sigma_spatial=self.spatial.cov,
+            **meta,
+        )
 
     def save_progress(self, prefix, done):
         """Both statistics in float64 and the kept feature chunks not yet saved (one npy per
@@ -105,8 +120,8 @@ class ImageStats:
         previous or the new progress."""
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
         if self.kept is not None:
-            offset = sum(len(chunk) for chunk in self.kept[:self._kept_saved])
-            for chunk in self.kept[self._kept_saved:]:
+            offset = sum(len(chunk) for chunk in self.kept[: self._kept_saved])
+            for chunk in self.kept[self._kept_saved :]:
                 _save_npy(_feature_chunk_path(prefix, offset), chunk)
                 offset += len(chunk)
             self._kept_saved = len(self.kept)
@@ -142,7 +157,7 @@ class ImageStats:
 
 
 def _save_npy(path, array):
-    tmp = path[:-len(".npy")] + ".tmp.npy"
+    tmp = path[: -len(".npy")] + ".tmp.npy"
     np.save(tmp, array)
     os.replace(tmp, path)
 
@@ -164,8 +179,9 @@ def _load_feature_chunks(prefix, done):
     return chunks if offset == done else None
 
 
-def sample_stats(gen, extractor, sample_config, num_samples, progress_path=None, chunk=0,
-                 keep_features=False):
+def sample_stats(
+    gen, extractor, sample_config, num_samples, progress_path=None, chunk=0, keep_features=False
+):
     """Statistics (and with keep_features the pool3 features) of num_samples samples of `gen`,
     made chunk by chunk (sample i always from noise index i, so chunks are independent of each
     other).
@@ -181,10 +197,17 @@ def sample_stats(gen, extractor, sample_config, num_samples, progress_path=None,
         logging.info("eval: resuming after %d of %d samples", done, num_samples)
     for start in range(done, num_samples, chunk):
         count = min(chunk, num_samples - start)
-        images, _ = gen.sample(count, sigmas=tuple(s.sigmas), ts=tuple(s.ts),
-                               num_scales=s.num_scales, seed=s.seed, first_index=start,
-                               batch_size=s.batch_size, edm_steps=s.edm_steps,
-                               edm_solver=s.edm_solver)
+        images, _ = gen.sample(
+            count,
+            sigmas=tuple(s.sigmas),
+            ts=tuple(s.ts),
+            num_scales=s.num_scales,
+            seed=s.seed,
+            first_index=start,
+            batch_size=s.batch_size,
+            edm_steps=s.edm_steps,
+            edm_solver=s.edm_solver,
+        )
         stats.add(extractor, images)
         if progress_path:
             stats.save_progress(progress_path, start + count)
@@ -195,8 +218,11 @@ def sample_stats(gen, extractor, sample_config, num_samples, progress_path=None,
 
 def _run_tag(row, num_samples):
     """A file name that changes with everything the samples depend on."""
-    key = json.dumps({k: row[k] for k in ("step", "ema_rate", "sigmas", "ts", "num_scales",
-                                          "seed")} | {"n": num_samples}, sort_keys=True)
+    key = json.dumps(
+        {k: row[k] for k in ("step", "ema_rate", "sigmas", "ts", "num_scales", "seed")}
+        | {"n": num_samples},
+        sort_keys=True,
+    )
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -215,26 +241,38 @@ def run_stats(config, workdir):
     features of its first config.eval.ref_features_max images, float32, beside them
     (`reference_features_path`). The features go to a memory-mapped file as they come."""
     dataset = data.load_split(config.data)
-    extractor = FeatureExtractor(create_mesh(), config.eval.inception_path or None,
-                                 config.eval.batch_size)
-    stats = ImageStats(_metadata(extractor, dataset=config.data.dataset, split=config.data.split,
-                                 source=config.data.dir or "tfds"))
+    extractor = FeatureExtractor(
+        create_mesh(), config.eval.inception_path or None, config.eval.batch_size
+    )
+    stats = ImageStats(
+        _metadata(
+            extractor,
+            dataset=config.data.dataset,
+            split=config.data.split,
+            source=config.data.dir or "tfds",
+        )
+    )
     path = config.eval.ref_stats_out or os.path.join(
-        workdir, "eval", f"ref_{config.data.dataset}_{config.data.split}.npz")
+        workdir, "eval", f"ref_{config.data.dataset}_{config.data.split}.npz"
+    )
     features_path = reference_features_path(path)
-    partial = features_path[:-len(".npy")] + ".partial.npy"
+    partial = features_path[: -len(".npy")] + ".partial.npy"
     keep = min(max(int(config.eval.ref_features_max), 0), dataset.num_examples)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    kept = (np.lib.format.open_memmap(partial, "w+", np.float32, (keep, classifier.POOL3_DIM))
-            if keep else None)
+    kept = (
+        np.lib.format.open_memmap(partial, "w+", np.float32, (keep, classifier.POOL3_DIM))
+        if keep
+        else None
+    )
     chunk = 10 * extractor.batch_size
     for start in range(0, dataset.num_examples, chunk):
-        pool3 = stats.add(extractor, dataset.images[start:start + chunk])
+        pool3 = stats.add(extractor, dataset.images[start : start + chunk])
         if start < keep:
-            rows = pool3[:keep - start]
-            kept[start:start + len(rows)] = rows
-        logging.info("stats: %d / %d images", min(start + chunk, dataset.num_examples),
-                     dataset.num_examples)
+            rows = pool3[: keep - start]
+            kept[start : start + len(rows)] = rows
+        logging.info(
+            "stats: %d / %d images", min(start + chunk, dataset.num_examples), dataset.num_examples
+        )
     if keep:
         kept.flush()
         del kept
@@ -249,8 +287,10 @@ def run_stats(config, workdir):
 
 def _load_reference(path):
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"Reference statistics {path!r} not found: make them with "
-                                f"--mode=stats or set --config.eval.ref_stats.")
+        raise FileNotFoundError(
+            f"Reference statistics {path!r} not found: make them with "
+            f"--mode=stats or set --config.eval.ref_stats."
+        )
     pool3 = fid.FeatureStats.load(path)
     with np.load(path) as f:
         spatial = (f["mu_spatial"], f["sigma_spatial"]) if "mu_spatial" in f else None
@@ -264,11 +304,16 @@ def _load_reference_features(path, ref_pool3):
         return None
     features = np.load(features_path, mmap_mode="r")
     count = ref_pool3.metadata.get("pool3_features")
-    if (features.ndim != 2 or features.shape[1] != ref_pool3.mean.shape[0]
-            or (count is not None and int(count) != len(features))):
-        raise ValueError(f"{features_path} (shape {features.shape}) does not belong to {path} "
-                         f"({count} features of dimension {ref_pool3.mean.shape[0]}): rerun "
-                         f"--mode=stats")
+    if (
+        features.ndim != 2
+        or features.shape[1] != ref_pool3.mean.shape[0]
+        or (count is not None and int(count) != len(features))
+    ):
+        raise ValueError(
+            f"{features_path} (shape {features.shape}) does not belong to {path} "
+            f"({count} features of dimension {ref_pool3.mean.shape[0]}): rerun "
+            f"--mode=stats"
+        )
     return features
 
 
@@ -277,13 +322,17 @@ def _manifold_metrics(features, ref_features):
     if ref_features is None:
         return {"precision_recall": NO_REFERENCE_FEATURES, "kid": NO_REFERENCE_FEATURES}
     if min(len(features), len(ref_features)) <= PR_NEIGHBOURS:
-        too_few = (f"unavailable: needs more than {PR_NEIGHBOURS} samples and reference "
-                   f"features")
+        too_few = f"unavailable: needs more than {PR_NEIGHBOURS} samples and reference features"
         return {"precision_recall": too_few, "kid": too_few}
     precision, recall = fid.precision_recall(ref_features, features, k=PR_NEIGHBOURS)
     kid, kid_std = fid.kernel_inception_distance(ref_features, features)
-    return {"precision": precision, "recall": recall, "kid": kid, "kid_std": kid_std,
-            "ref_features": len(ref_features)}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "kid": kid,
+        "kid_std": kid_std,
+        "ref_features": len(ref_features),
+    }
 
 
 def _inception_score(features, weight):
@@ -291,8 +340,9 @@ def _inception_score(features, weight):
     if weight is None:
         return {"inception_score": NO_CLASSIFIER}
     if len(features) < IS_SPLITS:
-        return {"inception_score": f"unavailable: {IS_SPLITS} splits need at least "
-                                   f"{IS_SPLITS} samples"}
+        return {
+            "inception_score": f"unavailable: {IS_SPLITS} splits need at least {IS_SPLITS} samples"
+        }
     mean, std = classifier.inception_score(features, weight, IS_SPLITS)
     return {"inception_score": mean, "inception_score_std": std}
 
@@ -304,7 +354,7 @@ def _npz_stats(path, extractor, keep_features):
     stats = ImageStats(_metadata(extractor), keep_features)
     chunk = 10 * extractor.batch_size
     for start in range(0, len(images), chunk):
-        stats.add(extractor, images[start:start + chunk])
+        stats.add(extractor, images[start : start + chunk])
     return stats
 
 
@@ -312,11 +362,17 @@ def _sampled_stats(config, workdir, mesh, extractor, row, keep_features):
     """Statistics (and features) of eval.num_samples samples of the run in workdir, saved
     after every chunk under workdir/eval/partial; what the samples depend on goes into row."""
     from cm_jax.generate import Generator  # Only eval of a run needs the generator.
+
     e, s = config.eval, config.sample
-    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None,
-                    list(mesh.devices.flat))
-    row.update(step=gen.step, ema_rate=s.ema_rate or gen.config.train.ema_rates[0],
-               sigmas=list(s.sigmas), ts=list(s.ts), num_scales=s.num_scales, seed=s.seed)
+    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None, list(mesh.devices.flat))
+    row.update(
+        step=gen.step,
+        ema_rate=s.ema_rate or gen.config.train.ema_rates[0],
+        sigmas=list(s.sigmas),
+        ts=list(s.ts),
+        num_scales=s.num_scales,
+        seed=s.seed,
+    )
     progress = os.path.join(workdir, "eval", "partial", _run_tag(row, e.num_samples))
     return sample_stats(gen, extractor, s, e.num_samples, progress, e.chunk_size, keep_features)
 
@@ -368,6 +424,7 @@ def make_fid_hook(config):
     from cm_jax import models  # The trainer's network, rebuilt for sampling.
     from cm_jax.generate import Generator
     from cm_jax.train_state import ema_key
+
     ref_pool3, _ = _load_reference(config.eval.ref_stats)
     mesh = create_mesh()
     extractor = FeatureExtractor(mesh, config.eval.inception_path or None, config.eval.batch_size)
@@ -430,6 +487,7 @@ def run_search(config, workdir):
     search.num_samples samples; every evaluation and the best go to workdir/eval/search.jsonl.
     """
     from cm_jax.generate import Generator
+
     c, s = config.search, config.sample
     ref_pool3, _ = _load_reference(config.eval.ref_stats)
     mesh = create_mesh()
@@ -439,13 +497,16 @@ def run_search(config, workdir):
 
     def sigmas_of(x):
         if c.kind == "index":
-            return tuple(float(v) for v in gen.time_points(ts=(0, x, c.num_scales - 1),
-                                                          num_scales=c.num_scales))
+            return tuple(
+                float(v)
+                for v in gen.time_points(ts=(0, x, c.num_scales - 1), num_scales=c.num_scales)
+            )
         return (sigma_max, float(np.exp(x)))
 
     def fid_of(x):
-        images, _ = gen.sample(c.num_samples, sigmas=sigmas_of(x), seed=s.seed,
-                               batch_size=s.batch_size)
+        images, _ = gen.sample(
+            c.num_samples, sigmas=sigmas_of(x), seed=s.seed, batch_size=s.batch_size
+        )
         stats = ImageStats(_metadata(extractor))
         stats.add(extractor, images)
         value = fid.fid_from_stats(stats.pool3, ref_pool3)
@@ -455,18 +516,39 @@ def run_search(config, workdir):
     if c.kind == "index":
         best, value, values = ternary_search(fid_of, 1, c.num_scales - 2, integer=True)
     elif c.kind == "sigma":
-        best, value, values = ternary_search(fid_of, np.log(c.sigma_lo), np.log(c.sigma_hi),
-                                             integer=False, iterations=c.iterations)
+        best, value, values = ternary_search(
+            fid_of, np.log(c.sigma_lo), np.log(c.sigma_hi), integer=False, iterations=c.iterations
+        )
     else:
         raise ValueError(f"Unknown search.kind {c.kind!r}: use index or sigma.")
     path = os.path.join(workdir, "eval", "search.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for x, v in sorted(values.items()):
-            f.write(json.dumps({"kind": c.kind, "x": float(x), "sigmas": sigmas_of(x),
-                                "fid": v, "step": gen.step, "num_samples": c.num_samples})
-                    + "\n")
-        f.write(json.dumps({"kind": c.kind, "best": float(best), "sigmas": sigmas_of(best),
-                            "fid": value, "step": gen.step}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kind": c.kind,
+                        "x": float(x),
+                        "sigmas": sigmas_of(x),
+                        "fid": v,
+                        "step": gen.step,
+                        "num_samples": c.num_samples,
+                    }
+                )
+                + "\n"
+            )
+        f.write(
+            json.dumps(
+                {
+                    "kind": c.kind,
+                    "best": float(best),
+                    "sigmas": sigmas_of(best),
+                    "fid": value,
+                    "step": gen.step,
+                }
+            )
+            + "\n"
+        )
     logging.info("search: best %s (sigmas %s), FID %.4f", best, sigmas_of(best), value)
     return sigmas_of(best), value

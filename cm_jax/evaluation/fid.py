@@ -21,6 +21,7 @@ so numbers are comparable with published ones:
   :func:`classifier_probs` applies weights the user supplies (``classifier.py`` reads them
   from pytorch-fid's weights file).
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,7 +52,7 @@ class FeatureStats:
         self._scatter: np.ndarray | None = None  # sum of (x - mean)(x - mean)^T
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
 
-    def add(self, features) -> "FeatureStats":
+    def add(self, features) -> FeatureStats:
         """Accumulate a batch [B, D] of features (numpy or jax, any float dtype)."""
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2:
@@ -94,16 +95,16 @@ class FeatureStats:
         ``shared/data/cifar10_fid``); float64 keeps it exact for further accumulation.
         """
         meta = {f"meta_{k}": np.array(v) for k, v in self.metadata.items()}
-        np.savez(path, mu=self.mean, sigma=self.cov.astype(sigma_dtype), n=np.int64(self.n),
-                 **meta)
+        np.savez(path, mu=self.mean, sigma=self.cov.astype(sigma_dtype), n=np.int64(self.n), **meta)
 
     @classmethod
-    def load(cls, path: str) -> "FeatureStats":
+    def load(cls, path: str) -> FeatureStats:
         """Read :meth:`save`'s format (or any npz with mu, sigma, n). More batches can be added
         afterwards: the scatter matrix is recovered as sigma * (n - 1)."""
         with np.load(path) as data:
-            stats = cls({k[len("meta_"):]: str(data[k]) for k in data.files
-                         if k.startswith("meta_")})
+            stats = cls(
+                {k[len("meta_") :]: str(data[k]) for k in data.files if k.startswith("meta_")}
+            )
             stats.n = int(data["n"])
             stats._mean = data["mu"].astype(np.float64)
             stats._scatter = data["sigma"].astype(np.float64) * (stats.n - 1)
@@ -129,12 +130,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different sizes: {mu1.shape} {sigma1.shape} vs "
-                         f"{mu2.shape} {sigma2.shape}")
+        raise ValueError(
+            f"statistics of different sizes: {mu1.shape} {sigma1.shape} vs "
+            f"{mu2.shape} {sigma2.shape}"
+        )
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: singular product; adding {eps} to the diagonal of both covariances")
+        warnings.warn(
+            f"FID: singular product; adding {eps} to the diagonal of both covariances",
+            stacklevel=2,
+        )
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -178,8 +184,9 @@ def _smallest(distances: jax.Array, count: int) -> jax.Array:
     return -jax.lax.top_k(-distances, count)[0]
 
 
-def manifold_radii(features, k: int = 3, row_batch_size: int = 10000,
-                   col_batch_size: int = 10000) -> np.ndarray:
+def manifold_radii(
+    features, k: int = 3, row_batch_size: int = 10000, col_batch_size: int = 10000
+) -> np.ndarray:
     """Squared distance from each point to its k-th nearest neighbour in the same set.
 
     The point itself is neighbour 0 (distance 0), so this is entry ``k`` of the sorted row, as
@@ -191,12 +198,12 @@ def manifold_radii(features, k: int = 3, row_batch_size: int = 10000,
         raise ValueError(f"k = {k} nearest neighbours need more than {k} points, got {n}")
     radii = np.empty(n, np.float32)
     for r0 in range(0, n, row_batch_size):
-        rows = features[r0:r0 + row_batch_size]
+        rows = features[r0 : r0 + row_batch_size]
         nearest = []
         for c0 in range(0, n, col_batch_size):
-            block = pairwise_sq_distances(rows, features[c0:c0 + col_batch_size])
+            block = pairwise_sq_distances(rows, features[c0 : c0 + col_batch_size])
             nearest.append(np.asarray(_smallest(block, min(k + 1, block.shape[1]))))
-        radii[r0:r0 + len(rows)] = np.sort(np.concatenate(nearest, axis=1), axis=1)[:, k]
+        radii[r0 : r0 + len(rows)] = np.sort(np.concatenate(nearest, axis=1), axis=1)[:, k]
     return radii
 
 
@@ -207,8 +214,13 @@ def _inside_block(batch_1, radii_1, batch_2, radii_2):
     return jnp.any(d <= radii_2[None, :], axis=1), jnp.any(d <= radii_1[:, None], axis=0)
 
 
-def precision_recall(real_features, fake_features, k: int = 3, row_batch_size: int = 10000,
-                     col_batch_size: int = 10000) -> tuple[float, float]:
+def precision_recall(
+    real_features,
+    fake_features,
+    k: int = 3,
+    row_batch_size: int = 10000,
+    col_batch_size: int = 10000,
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019), guided-diffusion's evaluation.
 
     Precision: fraction of ``fake_features`` inside the k-NN manifold of ``real_features``
@@ -252,8 +264,9 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(within - 2.0 * k_xy.mean())
 
 
-def kernel_inception_distance(real_features, fake_features, num_subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    real_features, fake_features, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """KID: mean and standard deviation of unbiased MMD² over ``num_subsets`` random subsets of
     ``min(subset_size, N_real, N_fake)`` points from each set, drawn without replacement (the
     defaults of torch-fidelity and clean-fid). Unbiased, so it is ~0 (and can be slightly
@@ -292,7 +305,7 @@ def inception_score(probs, splits: int = 10) -> tuple[float, float]:
         raise ValueError(f"{n} predictions cannot make {splits} splits")
     scores = []
     for i in range(splits):
-        part = probs[i * n // splits:(i + 1) * n // splits]
+        part = probs[i * n // splits : (i + 1) * n // splits]
         marginal = part.mean(axis=0, keepdims=True)
         kl = special.xlogy(part, part) - special.xlogy(part, marginal)
         scores.append(np.exp(np.mean(np.sum(kl, axis=1))))

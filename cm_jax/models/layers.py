@@ -17,10 +17,12 @@ same paths (``ResnetBlockBigGANpp_3/Conv_1/kernel``, ``Conv2d_0/weight``, ...).
 Mixed precision: every module takes ``dtype``, the compute dtype; parameters are always float32
 and cast on use. GroupNorm statistics are always reduced in float32 (flax's default).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,19 +48,33 @@ def default_init(scale: float = 1.0) -> Callable:
     return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
-def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1,
-            dtype: DType = jnp.float32) -> nn.Conv:
+def conv3x3(
+    features: int, init_scale: float = 1.0, stride: int = 1, dtype: DType = jnp.float32
+) -> nn.Conv:
     """3x3 'SAME' convolution with DDPM init and zero bias."""
-    return nn.Conv(features, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                   dtype=dtype, param_dtype=jnp.float32)
+    return nn.Conv(
+        features,
+        kernel_size=(3, 3),
+        strides=(stride, stride),
+        padding="SAME",
+        kernel_init=default_init(init_scale),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
 
 
 def conv1x1(features: int, init_scale: float = 1.0, dtype: DType = jnp.float32) -> nn.Conv:
     """1x1 convolution with DDPM init and zero bias."""
-    return nn.Conv(features, kernel_size=(1, 1), padding="SAME",
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                   dtype=dtype, param_dtype=jnp.float32)
+    return nn.Conv(
+        features,
+        kernel_size=(1, 1),
+        padding="SAME",
+        kernel_init=default_init(init_scale),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
 
 
 def dense(features: int, dtype: DType = jnp.float32) -> nn.Dense:
@@ -73,7 +89,8 @@ def group_norm(channels: int, dtype: DType = jnp.float32) -> nn.GroupNorm:
         raise ValueError(
             f"GroupNorm: {channels} channels cannot be split into min(C // 4, 32) = {groups} "
             "groups; choose nf * ch_mult so every feature width is a multiple of 4 and of "
-            "min(C // 4, 32)")
+            "min(C // 4, 32)"
+        )
     return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)
 
 
@@ -98,8 +115,9 @@ def fir_kernel_2d(kernel: Sequence[float], gain: float = 1.0) -> np.ndarray:
     return k / k.sum() * gain
 
 
-def upfirdn2d(x: Array, kernel: np.ndarray, up: int = 1, down: int = 1,
-              pad: tuple[int, int] = (0, 0)) -> Array:
+def upfirdn2d(
+    x: Array, kernel: np.ndarray, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)
+) -> Array:
     """Upsample by zero insertion, zero-pad, FIR-filter, then keep every ``down``-th pixel.
 
     Same result as StyleGAN2's ``upfirdn_2d`` on NHWC input (``pad`` is applied to the zero-
@@ -124,8 +142,9 @@ def _separable_factors(kernel: np.ndarray):
     return u[:, 0] * np.sqrt(s[0]), vt[0] * np.sqrt(s[0])
 
 
-def _upfirdn1d(x: Array, k: np.ndarray, axis: int, up: int, down: int,
-               pad: tuple[int, int]) -> Array:
+def _upfirdn1d(
+    x: Array, k: np.ndarray, axis: int, up: int, down: int, pad: tuple[int, int]
+) -> Array:
     """upfirdn along one axis: zero insertion, padding, convolution with ``k``, decimation."""
     if up > 1:
         x = jnp.expand_dims(x, axis + 1)
@@ -133,21 +152,25 @@ def _upfirdn1d(x: Array, k: np.ndarray, axis: int, up: int, down: int,
         widths[axis + 1] = (0, up - 1)
         x = jnp.pad(x, widths)
         shape = list(x.shape)
-        x = x.reshape(shape[:axis] + [shape[axis] * up] + shape[axis + 2:])
+        x = x.reshape(shape[:axis] + [shape[axis] * up] + shape[axis + 2 :])
     config = [(0, 0, 0)] * x.ndim
     config[axis] = (pad[0], pad[1], 0)
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
-    taps = np.asarray(k, np.float32)[::-1]   # upfirdn convolves: flip for a correlation
+    taps = np.asarray(k, np.float32)[::-1]  # upfirdn convolves: flip for a correlation
     length = x.shape[axis] - len(taps) + 1
-    out = sum(float(t) * jax.lax.slice_in_dim(x, j, j + length, axis=axis)
-              for j, t in enumerate(taps) if t != 0)
+    out = sum(
+        float(t) * jax.lax.slice_in_dim(x, j, j + length, axis=axis)
+        for j, t in enumerate(taps)
+        if t != 0
+    )
     if down > 1:
         out = jax.lax.slice_in_dim(out, 0, length, stride=down, axis=axis)
     return out
 
 
-def _upfirdn2d_depthwise(x: Array, kernel: np.ndarray, up: int, down: int,
-                         pad: tuple[int, int]) -> Array:
+def _upfirdn2d_depthwise(
+    x: Array, kernel: np.ndarray, up: int, down: int, pad: tuple[int, int]
+) -> Array:
     """upfirdn2d as one depthwise convolution: ``lhs_dilation`` inserts the zeros and
     ``window_strides`` drops pixels."""
     channels = x.shape[-1]
@@ -157,14 +180,20 @@ def _upfirdn2d_depthwise(x: Array, kernel: np.ndarray, up: int, down: int,
     pad0, pad1 = pad
     padding = [(pad0, pad1 + up - 1)] * 2
     return jax.lax.conv_general_dilated(
-        x, w, window_strides=(down, down), padding=padding, lhs_dilation=(up, up),
-        dimension_numbers=_NHWC, feature_group_count=channels)
+        x,
+        w,
+        window_strides=(down, down),
+        padding=padding,
+        lhs_dilation=(up, up),
+        dimension_numbers=_NHWC,
+        feature_group_count=channels,
+    )
 
 
 def upsample_2d(x: Array, kernel: Sequence[float], factor: int = 2) -> Array:
     """FIR upsampling by ``factor``; the kernel is scaled by factor**2 so constants stay constant
     (away from the zero-padded border)."""
-    k = fir_kernel_2d(kernel, gain=factor ** 2)
+    k = fir_kernel_2d(kernel, gain=factor**2)
     p = k.shape[0] - factor
     return upfirdn2d(x, k, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
@@ -184,11 +213,16 @@ def upsample_conv_2d(x: Array, w: Array, kernel: Sequence[float], factor: int = 
     written as a convolution over the zero-inserted input with full padding kw - 1.
     """
     kw = w.shape[0]
-    k = fir_kernel_2d(kernel, gain=factor ** 2)
+    k = fir_kernel_2d(kernel, gain=factor**2)
     p = (k.shape[0] - factor) - (kw - 1)
     x = jax.lax.conv_general_dilated(
-        x, w, window_strides=(1, 1), padding=[(kw - 1, kw - 1)] * 2,
-        lhs_dilation=(factor, factor), dimension_numbers=_NHWC)
+        x,
+        w,
+        window_strides=(1, 1),
+        padding=[(kw - 1, kw - 1)] * 2,
+        lhs_dilation=(factor, factor),
+        dimension_numbers=_NHWC,
+    )
     return upfirdn2d(x, k, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
 
 
@@ -200,7 +234,8 @@ def conv_downsample_2d(x: Array, w: Array, kernel: Sequence[float], factor: int 
     p = (k.shape[0] - factor) + (kw - 1)
     x = upfirdn2d(x, k, pad=((p + 1) // 2, p // 2))
     return jax.lax.conv_general_dilated(
-        x, w, window_strides=(factor, factor), padding="VALID", dimension_numbers=_NHWC)
+        x, w, window_strides=(factor, factor), padding="VALID", dimension_numbers=_NHWC
+    )
 
 
 def naive_upsample_2d(x: Array, factor: int = 2) -> Array:
@@ -219,6 +254,7 @@ class Conv2d(nn.Module):
 
     Parameters are ``weight`` (HWIO) and ``bias``, as in the reference, with DDPM init.
     """
+
     features: int
     kernel: int = 3
     up: bool = False
@@ -234,8 +270,12 @@ class Conv2d(nn.Module):
             raise ValueError("Conv2d: up and down are exclusive")
         if self.kernel < 1 or self.kernel % 2 != 1:
             raise ValueError(f"Conv2d: kernel must be odd and positive, got {self.kernel}")
-        w = self.param("weight", default_init(self.init_scale),
-                       (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
+        w = self.param(
+            "weight",
+            default_init(self.init_scale),
+            (self.kernel, self.kernel, x.shape[-1], self.features),
+            jnp.float32,
+        )
         x, w = x.astype(self.dtype), w.astype(self.dtype)
         if self.up:
             x = upsample_conv_2d(x, w, self.resample_kernel)
@@ -251,7 +291,8 @@ class Conv2d(nn.Module):
 
 class Upsample(nn.Module):
     """2x upsampling: FIR or nearest, with or without a (fused) 3x3 conv to ``out_ch``."""
-    out_ch: Optional[int] = None
+
+    out_ch: int | None = None
     with_conv: bool = False
     fir: bool = False
     fir_kernel: Sequence[int] = (1, 3, 3, 1)
@@ -262,8 +303,9 @@ class Upsample(nn.Module):
         out_ch = self.out_ch or x.shape[-1]
         if self.fir:
             if self.with_conv:
-                return Conv2d(out_ch, kernel=3, up=True, resample_kernel=self.fir_kernel,
-                              dtype=self.dtype)(x)
+                return Conv2d(
+                    out_ch, kernel=3, up=True, resample_kernel=self.fir_kernel, dtype=self.dtype
+                )(x)
             return upsample_2d(x, self.fir_kernel)
         h = naive_upsample_2d(x)
         return conv3x3(out_ch, dtype=self.dtype)(h) if self.with_conv else h
@@ -271,7 +313,8 @@ class Upsample(nn.Module):
 
 class Downsample(nn.Module):
     """2x downsampling: FIR or average-pool / strided conv, optionally projecting to ``out_ch``."""
-    out_ch: Optional[int] = None
+
+    out_ch: int | None = None
     with_conv: bool = False
     fir: bool = False
     fir_kernel: Sequence[int] = (1, 3, 3, 1)
@@ -282,8 +325,9 @@ class Downsample(nn.Module):
         out_ch = self.out_ch or x.shape[-1]
         if self.fir:
             if self.with_conv:
-                return Conv2d(out_ch, kernel=3, down=True, resample_kernel=self.fir_kernel,
-                              dtype=self.dtype)(x)
+                return Conv2d(
+                    out_ch, kernel=3, down=True, resample_kernel=self.fir_kernel, dtype=self.dtype
+                )(x)
             return downsample_2d(x, self.fir_kernel)
         if self.with_conv:
             return conv3x3(out_ch, stride=2, dtype=self.dtype)(x)
@@ -303,13 +347,15 @@ class GaussianFourierProjection(nn.Module):
     trained: gradients are stopped. Computed in float32: sin/cos of arguments of size ~100 would
     lose all precision in bfloat16.
     """
+
     embedding_size: int = 256
     scale: float = 1.0
 
     @nn.compact
     def __call__(self, s: Array) -> Array:
-        w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,),
-                       jnp.float32)
+        w = self.param(
+            "W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,), jnp.float32
+        )
         w = jax.lax.stop_gradient(w)
         proj = s.astype(jnp.float32)[:, None] * w[None, :] * (2.0 * jnp.pi)
         return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
@@ -332,14 +378,16 @@ def timestep_embedding(t: Array, dim: int, max_positions: int = 10000) -> Array:
 class NIN(nn.Module):
     """Per-pixel linear map ("network in network"), the DDPM 1x1 projection. The reference gives
     it a default init scale of 0.1 (q/k/v projections and the DDPM-block shortcut)."""
+
     num_units: int
     init_scale: float = 0.1
     dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units),
-                       jnp.float32)
+        w = self.param(
+            "W", default_init(self.init_scale), (x.shape[-1], self.num_units), jnp.float32
+        )
         b = self.param("b", nn.initializers.zeros, (self.num_units,), jnp.float32)
         x = x.astype(self.dtype)
         return jnp.tensordot(x, w.astype(self.dtype), axes=1) + b.astype(self.dtype)
@@ -348,6 +396,7 @@ class NIN(nn.Module):
 class Combine(nn.Module):
     """Merge a skip input ``x`` into ``y``: project x to y's width by 1x1 conv, then sum or
     concatenate (progressive growing, NCSN++ ``input_skip``)."""
+
     method: str = "cat"
     dtype: DType = jnp.float32
 
@@ -367,18 +416,18 @@ class AttnBlockpp(nn.Module):
     (``attention_impl="cudnn"``); ``None`` lets JAX choose (the XLA path). The output projection
     starts near zero (``init_scale``), so the block starts as the identity.
     """
+
     skip_rescale: bool = False
     init_scale: float = 0.0
     dtype: DType = jnp.float32
-    attention_impl: Optional[str] = None
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape
         h = group_norm(c, self.dtype)(x)
         # [B, T, heads=1, C]: the layout dot_product_attention expects.
-        q, k, v = (NIN(c, dtype=self.dtype)(h).reshape(b, height * width, 1, c)
-                   for _ in range(3))
+        q, k, v = (NIN(c, dtype=self.dtype)(h).reshape(b, height * width, 1, c) for _ in range(3))
         h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         h = NIN(c, init_scale=self.init_scale, dtype=self.dtype)(h.reshape(b, height, width, c))
         return skip_sum(x.astype(h.dtype), h, self.skip_rescale)
@@ -387,8 +436,9 @@ class AttnBlockpp(nn.Module):
 class ResnetBlockDDPMpp(nn.Module):
     """DDPM residual block: GN-act-conv, + Dense(temb) bias, GN-act-dropout-conv(init ~0).
     The shortcut is a NIN (or 3x3 conv) only when the width changes."""
+
     act: Callable = nn.swish
-    out_ch: Optional[int] = None
+    out_ch: int | None = None
     conv_shortcut: bool = False
     dropout: float = 0.1
     skip_rescale: bool = False
@@ -396,7 +446,7 @@ class ResnetBlockDDPMpp(nn.Module):
     dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = True) -> Array:
+    def __call__(self, x: Array, temb: Array | None = None, train: bool = True) -> Array:
         c = x.shape[-1]
         out_ch = self.out_ch or c
         h = self.act(group_norm(c, self.dtype)(x))
@@ -406,8 +456,11 @@ class ResnetBlockDDPMpp(nn.Module):
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(out_ch, init_scale=self.init_scale, dtype=self.dtype)(h)
         if c != out_ch:
-            x = (conv3x3(out_ch, dtype=self.dtype)(x) if self.conv_shortcut
-                 else NIN(out_ch, dtype=self.dtype)(x))
+            x = (
+                conv3x3(out_ch, dtype=self.dtype)(x)
+                if self.conv_shortcut
+                else NIN(out_ch, dtype=self.dtype)(x)
+            )
         return skip_sum(x.astype(h.dtype), h, self.skip_rescale)
 
 
@@ -417,10 +470,11 @@ class ResnetBlockBigGANpp(nn.Module):
     Resampling happens inside the block, after the first GN-act, on both the residual branch and
     the shortcut; the shortcut gets a 1x1 conv whenever the width or resolution changes.
     """
+
     act: Callable = nn.swish
     up: bool = False
     down: bool = False
-    out_ch: Optional[int] = None
+    out_ch: int | None = None
     dropout: float = 0.1
     fir: bool = False
     fir_kernel: Sequence[int] = (1, 3, 3, 1)
@@ -436,7 +490,7 @@ class ResnetBlockBigGANpp(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = True) -> Array:
+    def __call__(self, x: Array, temb: Array | None = None, train: bool = True) -> Array:
         c = x.shape[-1]
         out_ch = self.out_ch or c
         h = self.act(group_norm(c, self.dtype)(x))
@@ -451,7 +505,7 @@ class ResnetBlockBigGANpp(nn.Module):
         return skip_sum(x, h, self.skip_rescale)
 
 
-def _add_temb(h: Array, temb: Optional[Array], act: Callable, dtype: DType) -> Array:
+def _add_temb(h: Array, temb: Array | None, act: Callable, dtype: DType) -> Array:
     """Add a per-channel bias from the noise embedding (DDPM conditioning). Must be called from
     a compact method: it creates the block's ``Dense_0``."""
     if temb is None:

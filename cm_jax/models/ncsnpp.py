@@ -15,10 +15,11 @@ The code follows the reference (yang-song/score_sde, openai/consistency_models_c
 for block and creates modules in the same order, so parameter paths and the parameter count
 (56,395,651 for the paper config, the "56.4M" quoted by locuslab/ect) match it exactly.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,29 +35,31 @@ _DTYPES = ("float32", "bfloat16", "float16")
 class NCSNpp(nn.Module):
     """NCSN++ noise-conditional network F(x, c_noise) (the raw network; preconditioning with
     c_skip / c_out / c_in lives in the caller). Only has a 'params' collection."""
+
     nf: int = 128
     ch_mult: Sequence[int] = (2, 2, 2)
     num_res_blocks: int = 4
     attn_resolutions: Sequence[int] = (16,)
     dropout: float = 0.0
-    resblock_type: str = "biggan"      # or "ddpm"
+    resblock_type: str = "biggan"  # or "ddpm"
     fir: bool = True
     fir_kernel: Sequence[int] = (1, 3, 3, 1)
     skip_rescale: bool = True
     resamp_with_conv: bool = True
-    progressive: str = "none"          # "none" | "output_skip" | "residual"
+    progressive: str = "none"  # "none" | "output_skip" | "residual"
     progressive_input: str = "residual"  # "none" | "input_skip" | "residual"
-    progressive_combine: str = "sum"   # "sum" | "cat"
-    embedding_type: str = "fourier"    # "fourier" | "positional"
+    progressive_combine: str = "sum"  # "sum" | "cat"
+    embedding_type: str = "fourier"  # "fourier" | "positional"
     fourier_scale: float = 16.0
     init_scale: float = 0.0
-    num_classes: int = 0               # >0: class-conditional
-    dtype: str = "float32"             # compute dtype; params stay float32
-    attention_impl: Optional[str] = None  # jax.nn.dot_product_attention(implementation=...)
+    num_classes: int = 0  # >0: class-conditional
+    dtype: str = "float32"  # compute dtype; params stay float32
+    attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
 
     @nn.compact
-    def __call__(self, x: Array, c_noise: Array, labels: Optional[Array] = None, *,
-                 train: bool) -> Array:
+    def __call__(
+        self, x: Array, c_noise: Array, labels: Array | None = None, *, train: bool
+    ) -> Array:
         """x: [B, H, W, C] (already scaled by c_in); c_noise: [B] (the caller passes
         0.25 * ln(sigma)); labels: [B] int or None. Returns F with x's shape, in float32.
         Dropout draws from the 'dropout' rng when ``train`` is True."""
@@ -90,45 +93,65 @@ class NCSNpp(nn.Module):
         if len(self.ch_mult) < 1 or self.num_res_blocks < 1 or self.nf < 1:
             raise ValueError("NCSNpp: need nf >= 1, num_res_blocks >= 1 and a non-empty ch_mult")
 
-    def _check_inputs(self, x: Array, c_noise: Array, labels: Optional[Array]) -> None:
-        checks.check_network_inputs("NCSNpp", x, c_noise, labels, self.num_classes,
-                                    len(self.ch_mult))
+    def _check_inputs(self, x: Array, c_noise: Array, labels: Array | None) -> None:
+        checks.check_network_inputs(
+            "NCSNpp", x, c_noise, labels, self.num_classes, len(self.ch_mult)
+        )
 
     # -- block factories (partial modules, as in the reference) -----------------------------
 
     def _resnet_block(self, dtype) -> Callable[..., nn.Module]:
-        common = dict(act=nn.swish, dropout=self.dropout, init_scale=self.init_scale,
-                      skip_rescale=self.skip_rescale, dtype=dtype)
+        common = dict(
+            act=nn.swish,
+            dropout=self.dropout,
+            init_scale=self.init_scale,
+            skip_rescale=self.skip_rescale,
+            dtype=dtype,
+        )
         if self.resblock_type == "ddpm":
             return functools.partial(layers.ResnetBlockDDPMpp, **common)
-        return functools.partial(layers.ResnetBlockBigGANpp, fir=self.fir,
-                                 fir_kernel=tuple(self.fir_kernel), **common)
+        return functools.partial(
+            layers.ResnetBlockBigGANpp, fir=self.fir, fir_kernel=tuple(self.fir_kernel), **common
+        )
 
     def _attn_block(self, dtype) -> Callable[..., nn.Module]:
-        return functools.partial(layers.AttnBlockpp, init_scale=self.init_scale,
-                                 skip_rescale=self.skip_rescale, dtype=dtype,
-                                 attention_impl=self.attention_impl)
+        return functools.partial(
+            layers.AttnBlockpp,
+            init_scale=self.init_scale,
+            skip_rescale=self.skip_rescale,
+            dtype=dtype,
+            attention_impl=self.attention_impl,
+        )
 
     def _resample(self, cls, dtype, with_conv: bool, out_ch=None) -> nn.Module:
-        return cls(out_ch=out_ch, with_conv=with_conv, fir=self.fir,
-                   fir_kernel=tuple(self.fir_kernel), dtype=dtype)
+        return cls(
+            out_ch=out_ch,
+            with_conv=with_conv,
+            fir=self.fir,
+            fir_kernel=tuple(self.fir_kernel),
+            dtype=dtype,
+        )
 
     # -- network stages ------------------------------------------------------------------------
 
-    def _embed_noise(self, c_noise: Array, labels: Optional[Array], dtype) -> Array:
+    def _embed_noise(self, c_noise: Array, labels: Array | None, dtype) -> Array:
         """Noise embedding: Fourier (or sinusoidal) features -> 2-layer MLP to 4 nf channels.
         The class embedding (if any) is added to the features before the MLP, as in EDM's
         SongUNet, so the MLP can mix noise level and class."""
         if self.embedding_type == "fourier":
-            emb = layers.GaussianFourierProjection(embedding_size=self.nf,
-                                                   scale=self.fourier_scale)(c_noise)
+            emb = layers.GaussianFourierProjection(
+                embedding_size=self.nf, scale=self.fourier_scale
+            )(c_noise)
         else:
             emb = layers.timestep_embedding(c_noise, self.nf)
         if self.num_classes > 0:
             # Unit-ish scale, like the sin/cos features (each of variance 1/2).
-            label_emb = nn.Embed(self.num_classes, emb.shape[-1],
-                                 embedding_init=nn.initializers.normal(stddev=0.5 ** 0.5),
-                                 param_dtype=jnp.float32)(labels)
+            label_emb = nn.Embed(
+                self.num_classes,
+                emb.shape[-1],
+                embedding_init=nn.initializers.normal(stddev=0.5**0.5),
+                param_dtype=jnp.float32,
+            )(labels)
             emb = emb + label_emb
         temb = layers.dense(self.nf * 4, dtype)(emb)
         return layers.dense(self.nf * 4, dtype)(nn.swish(temb))
@@ -174,8 +197,9 @@ class NCSNpp(nn.Module):
         h = self._attn_block(dtype)()(h)
         return resnet()(h, temb, train)
 
-    def _decoder(self, h: Array, hs: list[Array], temb: Array, train: bool, dtype,
-                 out_channels: int) -> tuple[Array, Optional[Array]]:
+    def _decoder(
+        self, h: Array, hs: list[Array], temb: Array, train: bool, dtype, out_channels: int
+    ) -> tuple[Array, Array | None]:
         """Upsampling path: num_res_blocks + 1 blocks per level, each eating one skip."""
         resnet, attn = self._resnet_block(dtype), self._attn_block(dtype)
         hs = list(hs)
@@ -196,10 +220,12 @@ class NCSNpp(nn.Module):
         assert not hs, "every encoder skip must be consumed"
         return h, pyramid
 
-    def _output_pyramid(self, h: Array, pyramid: Optional[Array], level: int, dtype,
-                        out_channels: int) -> tuple[Array, Array]:
+    def _output_pyramid(
+        self, h: Array, pyramid: Array | None, level: int, dtype, out_channels: int
+    ) -> tuple[Array, Array]:
         """Progressive output ('output_skip': sum of upsampled per-level image predictions;
         'residual': an upsampled feature pyramid added back into h)."""
+
         def to_rgb(channels, init_scale):
             g = nn.swish(layers.group_norm(h.shape[-1], dtype)(h))
             return layers.conv3x3(channels, init_scale=init_scale, dtype=dtype)(g)
@@ -217,7 +243,7 @@ class NCSNpp(nn.Module):
         pyramid = layers.skip_sum(pyramid, h, self.skip_rescale)
         return pyramid, pyramid
 
-    def _head(self, h: Array, pyramid: Optional[Array], out_channels: int) -> Array:
+    def _head(self, h: Array, pyramid: Array | None, out_channels: int) -> Array:
         """GroupNorm -> swish -> conv3x3 with init_scale (1e-10 for init_scale=0, so F starts
         at ~0). Run in float32: it is cheap and sets the precision of the returned F."""
         if self.progressive == "output_skip":

@@ -9,6 +9,7 @@ with fixed random frequencies ν ~ N(0, 1) and phases φ ~ U(0, 1) and a learned
 Its parameters live beside the network's in the same tree, under `KEY`, so that the optimizer,
 the EMAs and the checkpoints carry them with no special case; `split` separates them again.
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
