@@ -20,14 +20,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm_jax import precond, runs, train_state  # noqa: E402
+from cm_jax import methods, precond, runs, train_state  # noqa: E402
 
 
 def probe(workdir, images, sigmas, mesh, seed=0):
     config, net, state = runs.restore_run(workdir, mesh)
     params = runs.ema_params(config, state)
     k = config.karras
-    if config.method in ("edm", "pd"):  # Denoisers: D_θ, with EDM's scalings.
+    if methods.of(config).sampler != "consistency":  # Denoisers: D_θ, EDM's scalings.
         model = lambda p, x, s: precond.edm_denoiser(net, p, x, s, sigma_data=k.sigma_data)
     else:  # Consistency models: f_θ as the samplers use it.
         model = lambda p, x, s: precond.consistency_fn(

@@ -18,7 +18,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm_jax import losses, models, runs, train_state  # noqa: E402
+from cm_jax import methods, models, runs, train_state  # noqa: E402
+from cm_jax.methods import scm  # noqa: E402
 
 VARIANTS = (
     ("float32", "autodiff", 0.0),
@@ -35,11 +36,11 @@ def flat_gradient(run_config, params, batch, dtype, jvp, eps, seed=3):
     config.model.dtype = dtype
     config.scm.update(jvp=jvp, jvp_eps=eps)
     net = models.create_model(config.model)
-    loss_fn = losses.get_loss_fn(net, config)
+    loss_fn = methods.get_loss_fn(net, config)
     step = config.scm.tangent_warmup_steps  # r = 1
     grad = jax.jit(jax.grad(lambda p: loss_fn(p, None, batch, jax.random.PRNGKey(seed), step)[0]))
     flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad(params))])
-    used = losses.difference_step(config) if jvp == "finite_difference" else None
+    used = scm.difference_step(config) if jvp == "finite_difference" else None
     return flat.astype(np.float64), used
 
 
@@ -51,7 +52,7 @@ def main():
     args = parser.parse_args()
     mesh = train_state.create_mesh(jax.devices()[:1])
     config, _, state = runs.restore_run(args.workdir, mesh)
-    if config.method != "sct":
+    if methods.of(config) is not methods.get("sct"):
         raise SystemExit(
             f"{args.workdir!r} trained method {config.method!r}: give an sCT run "
             "(sCD's loss also needs its teacher)."

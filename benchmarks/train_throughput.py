@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm_jax import data, models, optim, train_state, trainer  # noqa: E402
+from cm_jax import data, methods, models, optim, train_state, trainer  # noqa: E402
 from cm_jax.models import uncertainty  # noqa: E402
 from configs import (
     cifar10_cd_l2,
@@ -119,7 +119,7 @@ def random_teacher(config, net, mesh):
     network of the student's architecture as the teacher of cd, pd, ect, sct and scd. PD moves
     it out of `frozen` into the state's θ⁻, ECT and sCT only start from it; CD and sCD keep it
     frozen and start the student from it (teacher.init_student)."""
-    if not trainer.uses_teacher(config):  # no teacher; LPIPS where configured
+    if not methods.of(config).uses_teacher(config):  # no teacher; LPIPS where configured
         teacher_net, frozen = trainer.load_frozen_networks(config, mesh)
         return teacher_net, frozen, None
     # An EDM run's parameters: the network's alone (sCM's uncertainty head is the student's).

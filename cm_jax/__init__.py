@@ -1,5 +1,6 @@
 """cm_jax: consistency models in JAX/Flax.
 
 The modules follow the data flow: configs -> data -> models (network) and karras
-(preconditioning) -> schedules and losses (method) -> trainer -> sampling.
+(preconditioning) -> schedules and methods (one module per training method: its loss and
+what the trainer asks of it) -> trainer -> sampling -> evaluation.
 """

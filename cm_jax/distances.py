@@ -2,7 +2,7 @@
 
 Every metric takes two [B, H, W, C] arrays and returns [B]. The consistency losses look them up
 by name (`get_distance`), so a new weight-free metric is one more entry in `DISTANCES`. LPIPS,
-which needs network weights, lives in lpips.py and is wired by `losses.metric`.
+which needs network weights, lives in lpips.py and is wired by `methods.base.metric`.
 """
 
 import math

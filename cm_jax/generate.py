@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from cm_jax import data, editing, metric_logging, runs, sampling, schedules
+from cm_jax import data, editing, karras, methods, metric_logging, runs, sampling
 from cm_jax.train_state import batch_sharding, create_mesh, replicated
 
 
@@ -41,21 +41,20 @@ class Generator:
 
     def _setup(self, config, net, params, mesh, step):
         self.config, self.net, self.params, self.mesh, self.step = config, net, params, mesh, step
-        k = self.config.karras
-        self.grid = dict(sigma_min=k.sigma_min, sigma_max=k.sigma_max, rho=k.rho)
+        self.method = methods.of(config)
+        self.grid = karras.grid(config.karras)
         size, channels = self.config.data.image_size, self.config.data.num_channels
         self.image_shape = (size, size, channels)
 
     @property
     def is_diffusion_model(self):
         """An EDM teacher or a PD student: a denoiser, sampled by solving the PF-ODE."""
-        return self.config.method in ("edm", "pd")
+        return self.method.sampler != "consistency"
 
     @property
     def pd_learned_steps(self):
         """A PD run's Euler steps at this checkpoint: what its student was trained to take."""
-        c = self.config.schedule
-        return int(schedules.pd_learned_steps(self.step, c.pd_start_scales, c.pd_stage_steps))
+        return int(self.method.learned_steps(self.config, self.step))
 
     # ------------------------------------------------------------------ time points
     def time_points(self, sigmas=None, ts=None, num_scales=None):
@@ -91,15 +90,15 @@ class Generator:
         labels: class labels for a class-conditional model ([num] ints; None draws them).
         """
         labels = self._labels(num, labels, seed, first_index)
-        if self.config.method == "pd":
-            fn = self._pd_fn(int(pd_steps) or self.pd_learned_steps)
-        elif self.is_diffusion_model:
-            fn = self._edm_fn(edm_steps, edm_solver)
-        else:
-            fn = self._consistency_fn(
-                tuple(float(s) for s in self.time_points(sigmas, ts, num_scales))
-            )
-        images = self._batched(fn, num, batch_size, seed, labels, first_index)
+        sigmas = () if self.is_diffusion_model else self.time_points(sigmas, ts, num_scales)
+        sampler = sampling.sampler_for(
+            self.method.sampler,
+            sigmas=sigmas,
+            edm_steps=edm_steps,
+            edm_solver=edm_solver,
+            pd_steps=int(pd_steps) or self.pd_learned_steps,
+        )
+        images = self._batched(self._compiled(sampler), num, batch_size, seed, labels, first_index)
         return images, labels
 
     def _labels(self, num, labels, seed, first_index=0):
@@ -117,68 +116,17 @@ class Generator:
         return labels
 
     @functools.lru_cache(maxsize=8)
-    def _consistency_fn(self, sigmas):
-        k = self.config.karras
+    def _compiled(self, sampler):
+        """The sampler over one batch of sample indices, compiled for this generator's mesh:
+        z from each sample's key, the later steps' noise from fold_in(key, n), so one key per
+        sample index serves both (and a neighbouring seed never repeats them)."""
+        kc = self.config.karras
+        scalings = dict(self.grid, sigma_data=kc.sigma_data)
 
         def fn(params, indices, seed, labels):
-            # z from each sample's key, the later steps' noise from fold_in(key, n): one key
-            # per sample index serves both (and a neighbouring seed never repeats them).
             z = sampling.sample_noise(seed, indices, self.image_shape)
             keys = sampling.sample_keys(seed, indices)
-            x = sampling.multistep_sample(
-                self.net,
-                params,
-                z,
-                jnp.asarray(sigmas),
-                labels,
-                noise_rng=keys,
-                sigma_min=k.sigma_min,
-                sigma_data=k.sigma_data,
-            )
-            return data.to_uint8(x)
-
-        return self._jit(fn)
-
-    @functools.lru_cache(maxsize=8)
-    def _edm_fn(self, num_steps, solver):
-        k = self.config.karras
-        sampler = {"heun": sampling.edm_heun_sample, "euler": sampling.edm_euler_sample}[solver]
-
-        def fn(params, indices, seed, labels):
-            z = sampling.sample_noise(seed, indices, self.image_shape)
-            x = sampler(
-                self.net,
-                params,
-                z,
-                labels,
-                num_steps=num_steps,
-                sigma_min=k.sigma_min,
-                sigma_max=k.sigma_max,
-                rho=k.rho,
-                sigma_data=k.sigma_data,
-            )
-            return data.to_uint8(x)
-
-        return self._jit(fn)
-
-    @functools.lru_cache(maxsize=8)
-    def _pd_fn(self, num_steps):
-        k = self.config.karras
-
-        def fn(params, indices, seed, labels):
-            z = sampling.sample_noise(seed, indices, self.image_shape)
-            x = sampling.pd_sample(
-                self.net,
-                params,
-                z,
-                labels,
-                num_steps=num_steps,
-                sigma_min=k.sigma_min,
-                sigma_max=k.sigma_max,
-                rho=k.rho,
-                sigma_data=k.sigma_data,
-            )
-            return data.to_uint8(x)
+            return data.to_uint8(sampler(self.net, params, z, labels, keys, **scalings))
 
         return self._jit(fn)
 
@@ -213,9 +161,9 @@ class Generator:
         if task not in editing.TASKS:
             raise ValueError(f"Unknown editing task {task!r}: use one of {sorted(editing.TASKS)}.")
         sigmas = self.time_points(sigmas) if task != "denoising" else np.asarray(sigmas, np.float32)
-        k = self.config.karras
+        kc = self.config.karras
         f = sampling.bind_consistency_fn(
-            self.net, self.params, labels, sigma_data=k.sigma_data, sigma_min=k.sigma_min
+            self.net, self.params, labels, sigma_data=kc.sigma_data, sigma_min=kc.sigma_min
         )
         if task == "interpolation":
             y = images if images is not None else self._latent_pair(seed, options)
@@ -227,7 +175,7 @@ class Generator:
         rng = sampling.sample_keys(seed, np.arange(batch))
         run = jax.jit(
             lambda y, rng: editing.TASKS[task](
-                f, y, jnp.asarray(sigmas), rng, sigma_min=k.sigma_min, **options
+                f, y, jnp.asarray(sigmas), rng, sigma_min=kc.sigma_min, **options
             )
         )
         return np.asarray(jax.device_get(data.to_uint8(run(y, rng))))
@@ -254,20 +202,20 @@ def run_sample(config, workdir):
     """--mode=sample: config.sample.num_samples images from the run in workdir, written as
     `samples_NxHxWxC.npz` (arr_0 images uint8, arr_1 labels when class-conditional, the layout
     of the official samplers and evaluators) and a PNG grid of the first 64."""
-    s = config.sample
-    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None)
+    sample_c = config.sample
+    gen = Generator(workdir, sample_c.checkpoint_step or None, sample_c.ema_rate or None)
     images, labels = gen.sample(
-        s.num_samples,
-        sigmas=tuple(s.sigmas),
-        ts=tuple(s.ts),
-        num_scales=s.num_scales,
-        seed=s.seed,
-        batch_size=s.batch_size,
-        edm_steps=s.edm_steps,
-        edm_solver=s.edm_solver,
-        pd_steps=s.pd_steps,
+        sample_c.num_samples,
+        sigmas=tuple(sample_c.sigmas),
+        ts=tuple(sample_c.ts),
+        num_scales=sample_c.num_scales,
+        seed=sample_c.seed,
+        batch_size=sample_c.batch_size,
+        edm_steps=sample_c.edm_steps,
+        edm_solver=sample_c.edm_solver,
+        pd_steps=sample_c.pd_steps,
     )
-    out_dir = s.out_dir or os.path.join(workdir, "samples")
+    out_dir = sample_c.out_dir or os.path.join(workdir, "samples")
     name = "samples_" + "x".join(str(d) for d in images.shape)
     return _write(
         out_dir, name, images[:64], arr_0=images, **({} if labels is None else {"arr_1": labels})
@@ -278,29 +226,29 @@ def run_edit(config, workdir):
     """--mode=edit: config.edit.task on the images of config.edit.images (an npz with `images`
     or `arr_0`, or PNG files: a glob or comma-separated paths). Writes the results as npz and
     a PNG grid whose rows are input | mask or guide | result."""
-    e = config.edit
-    gen = Generator(workdir, e.checkpoint_step or None, e.ema_rate or None)
-    options = _edit_options(e, gen)
-    images = None if e.task == "interpolation" else load_images(e.images)
-    result = gen.edit(e.task, images, sigmas=tuple(e.sigmas), seed=e.seed, **options)
-    out_dir = e.out_dir or os.path.join(workdir, "edits")
-    if e.task == "interpolation":
+    edit_c = config.edit
+    gen = Generator(workdir, edit_c.checkpoint_step or None, edit_c.ema_rate or None)
+    options = _edit_options(edit_c, gen)
+    images = None if edit_c.task == "interpolation" else load_images(edit_c.images)
+    result = gen.edit(edit_c.task, images, sigmas=tuple(edit_c.sigmas), seed=edit_c.seed, **options)
+    out_dir = edit_c.out_dir or os.path.join(workdir, "edits")
+    if edit_c.task == "interpolation":
         grid = result.reshape((-1,) + result.shape[2:])  # One row of frames per pair.
-        return _write(out_dir, e.task, grid, columns=result.shape[1], arr_0=result)
-    guide = _guide_images(e.task, images, options)
+        return _write(out_dir, edit_c.task, grid, columns=result.shape[1], arr_0=result)
+    guide = _guide_images(edit_c.task, images, options)
     rows = np.stack([images, guide, result], axis=1).reshape((-1,) + images.shape[1:])
-    return _write(out_dir, e.task, rows, columns=3, arr_0=result)
+    return _write(out_dir, edit_c.task, rows, columns=3, arr_0=result)
 
 
-def _edit_options(e, gen):
-    if e.task == "inpainting":
-        if e.mask_png:
-            return {"mask": editing.mask_from_pixels(load_images(e.mask_png)[0])}
-        return {"mask": e.mask}
-    if e.task == "superres":
-        return {"factor": e.factor}
-    if e.task == "interpolation":
-        return {"num_frames": e.num_frames, "num_pairs": e.num_pairs}
+def _edit_options(edit_c, gen):
+    if edit_c.task == "inpainting":
+        if edit_c.mask_png:
+            return {"mask": editing.mask_from_pixels(load_images(edit_c.mask_png)[0])}
+        return {"mask": edit_c.mask}
+    if edit_c.task == "superres":
+        return {"factor": edit_c.factor}
+    if edit_c.task == "interpolation":
+        return {"num_frames": edit_c.num_frames, "num_pairs": edit_c.num_pairs}
     return {}
 
 

@@ -27,6 +27,13 @@ def karras_sigma(i, num_scales, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return (lo + frac * (hi - lo)) ** rho
 
 
+def grid(karras_config):
+    """The grid's keyword arguments (sigma_min, sigma_max, rho) from `config.karras`."""
+    return dict(
+        sigma_min=karras_config.sigma_min, sigma_max=karras_config.sigma_max, rho=karras_config.rho
+    )
+
+
 def karras_sigmas(num_scales, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """The whole ascending grid σ_0 < … < σ_{N−1} for a static N."""
     return karras_sigma(jnp.arange(num_scales), num_scales, sigma_min, sigma_max, rho)

@@ -12,10 +12,14 @@ The module reads top to bottom:
 3. Consistency sampling: `consistency_steps` (CM Algorithm 1, with the replacement hook that CM
    Algorithm 4 needs), `onestep_sample`, `multistep_sample`.
 4. EDM samplers for diffusion teachers: `edm_sample` (EDM Algorithm 2; Algorithm 1 when
-   S_churn = 0) over any denoiser, `edm_heun_sample` and `edm_euler_sample` over a network.
+   S_churn = 0) over any denoiser, `edm_network_sample` over a network.
 5. `pd_sample`: the N Euler steps a progressive-distillation student was trained to take.
+6. `Sampler`: one of these, with its settings, as a hashable value (the generator and the
+   trainer's sample grids compile one program per value), and `sampler_for`, which picks it
+   from the kind a method declares and the `sample` options.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -302,20 +306,13 @@ def _churn_fn(z, num_steps, S_churn, S_tmin, S_tmax, S_noise, noise_rng):
     return churn
 
 
-def _edm_network_sample(
-    solver, net, params, z, labels, num_steps, sigma_min, sigma_max, rho, sigma_data, churn_options
-):
-    denoise = lambda x, s: precond.edm_denoiser(net, params, x, s, labels, sigma_data=sigma_data)
-    sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
-    return jnp.clip(edm_sample(denoise, z, sigmas, solver=solver, **churn_options), -1.0, 1.0)
-
-
-def edm_heun_sample(
+def edm_network_sample(
     net,
     params,
     z,
     labels=None,
     *,
+    solver="heun",
     num_steps=18,
     sigma_min=0.002,
     sigma_max=80.0,
@@ -327,43 +324,26 @@ def edm_heun_sample(
     S_noise=1.0,
     noise_rng=None,
 ):
-    """EDM's Heun sampler with the network as D_θ: 2·num_steps − 1 evaluations (35 for 18).
+    """EDM's sampler with the network as D_θ: `solver` "heun" takes 2·num_steps − 1 evaluations
+    (35 for 18), "euler" num_steps.
 
     Deterministic (EDM Algorithm 1) by default; S_churn > 0 adds EDM Algorithm 2's noise and
     needs noise_rng, one key per sample. Clipped to [−1, 1].
     """
-    churn = dict(
-        S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, noise_rng=noise_rng
+    denoise = lambda x, s: precond.edm_denoiser(net, params, x, s, labels, sigma_data=sigma_data)
+    sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
+    x = edm_sample(
+        denoise,
+        z,
+        sigmas,
+        solver=solver,
+        S_churn=S_churn,
+        S_tmin=S_tmin,
+        S_tmax=S_tmax,
+        S_noise=S_noise,
+        noise_rng=noise_rng,
     )
-    return _edm_network_sample(
-        "heun", net, params, z, labels, num_steps, sigma_min, sigma_max, rho, sigma_data, churn
-    )
-
-
-def edm_euler_sample(
-    net,
-    params,
-    z,
-    labels=None,
-    *,
-    num_steps=18,
-    sigma_min=0.002,
-    sigma_max=80.0,
-    rho=7.0,
-    sigma_data=0.5,
-    S_churn=0.0,
-    S_tmin=0.0,
-    S_tmax=float("inf"),
-    S_noise=1.0,
-    noise_rng=None,
-):
-    """EDM's sampler with first-order Euler steps: num_steps evaluations. Options as Heun's."""
-    churn = dict(
-        S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, noise_rng=noise_rng
-    )
-    return _edm_network_sample(
-        "euler", net, params, z, labels, num_steps, sigma_min, sigma_max, rho, sigma_data, churn
-    )
+    return jnp.clip(x, -1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,7 +365,7 @@ def pd_sample(
 ):
     """A PD student's sampler (the official `progressive_distillation` sampler): x = σ_max·z,
     then num_steps deterministic Euler steps of D_θ down the (num_steps + 1)-point Karras grid
-    to σ_min, the grid the student was trained on (losses.progressive_distillation_loss).
+    to σ_min, the grid the student was trained on (methods/pd.py).
     num_steps may be traced (the trainer's grids follow the curriculum). Clipped to [−1, 1].
     """
     denoise = lambda x, s: precond.edm_denoiser(net, params, x, s, labels, sigma_data=sigma_data)
@@ -398,3 +378,67 @@ def pd_sample(
 
     x = jax.lax.fori_loop(0, num_steps, step, sigma_max * z)
     return jnp.clip(x, -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Samplers as values
+# ----------------------------------------------------------------------------------------
+
+SAMPLER_KINDS = ("consistency", "edm", "pd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A way to turn noise into images, with its settings, hashable so that compiled programs
+    can be cached per value.
+
+    kind "consistency": CM Algorithm 1 over `sigmas`; "edm": EDM's sampler with `num_steps`
+    steps of `solver`; "pd": a PD student's `num_steps` Euler steps. Which kind a run uses is
+    declared by its method (cm_jax/methods).
+    """
+
+    kind: str
+    sigmas: tuple = ()
+    num_steps: int = 0
+    solver: str = "heun"
+
+    def __call__(
+        self, net, params, z, labels, keys, *, sigma_min, sigma_max, rho, sigma_data, learned=0
+    ):
+        """Images in [−1, 1] from the noise z [B, H, W, C]; keys: one per sample (or None for
+        a deterministic sampler). A "pd" sampler with num_steps 0 takes the `learned` steps,
+        which may be traced (one program for every stage of a PD run)."""
+        if self.kind == "consistency":
+            return multistep_sample(
+                net,
+                params,
+                z,
+                jnp.asarray(self.sigmas),
+                labels,
+                noise_rng=keys,
+                sigma_min=sigma_min,
+                sigma_data=sigma_data,
+            )
+        grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigma_data=sigma_data)
+        if self.kind == "edm":
+            return edm_network_sample(
+                net, params, z, labels, solver=self.solver, num_steps=self.num_steps, **grid
+            )
+        return pd_sample(net, params, z, labels, num_steps=self.num_steps or learned, **grid)
+
+
+def sampler_for(kind, sigmas=(), edm_steps=18, edm_solver="heun", pd_steps=0):
+    """The Sampler of a method's declared `kind` with the given options: the consistency time
+    points (already validated), the EDM steps and solver, or the PD student's steps (0: the
+    steps it has learned, given when sampling)."""
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"Unknown sampler kind {kind!r}: use one of {SAMPLER_KINDS}.")
+    if kind == "consistency":
+        return Sampler(kind, sigmas=tuple(float(s) for s in sigmas))
+    if kind == "edm":
+        if edm_solver not in ode.SOLVERS:
+            raise ValueError(
+                f"Unknown EDM solver {edm_solver!r}: use one of {sorted(ode.SOLVERS)}."
+            )
+        return Sampler(kind, num_steps=int(edm_steps), solver=edm_solver)
+    return Sampler(kind, num_steps=int(pd_steps))

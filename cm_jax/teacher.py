@@ -5,7 +5,7 @@ from one of its checkpoint folders (`<workdir>/checkpoints/<step>`).
 
 import jax
 
-from cm_jax import runs
+from cm_jax import methods, runs
 
 
 class TeacherError(ValueError):
@@ -22,7 +22,7 @@ def load_teacher(teacher_config, mesh):
         params = runs.ema_params(run_config, state, teacher_config.ema_rate)
     except runs.RunError as e:
         raise TeacherError(f"teacher.workdir: {e}") from e
-    if run_config.method != "edm":
+    if not methods.get(run_config.method).teaches:
         raise TeacherError(
             f"teacher.workdir={workdir!r} trained method {run_config.method!r}; "
             "the teacher of CD, PD, ECT or sCM must be an EDM diffusion model "

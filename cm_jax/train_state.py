@@ -11,13 +11,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cm_jax import methods
 from cm_jax.models import uncertainty
-
-# Methods whose loss reads a target network θ⁻ (the state keeps one only for these); PD's
-# θ⁻ is its teacher, replaced by θ at every stage.
-METHODS_WITH_TARGET = ("ct", "cd", "pd")
-# Methods whose loss learns a log-variance per noise level beside θ (models/uncertainty.py).
-METHODS_WITH_UNCERTAINTY = ("sct", "scd")
 
 
 @flax.struct.dataclass
@@ -69,7 +64,7 @@ def init_params(config, net, rng):
 
 def with_uncertainty_head(config, network_params, rng):
     """network_params, with a fresh uncertainty head beside them where the method learns one."""
-    if config.method not in METHODS_WITH_UNCERTAINTY:
+    if not methods.of(config).has_uncertainty_head:
         return network_params
     head = uncertainty.init_params(config.scm.uncertainty_channels, rng)
     return uncertainty.attach(network_params, head)
@@ -77,7 +72,8 @@ def with_uncertainty_head(config, network_params, rng):
 
 def _state_initialiser(config, net, tx):
     """(rng, initial params or None) -> a fresh TrainState (traceable)."""
-    has_target = config.method in METHODS_WITH_TARGET
+    # θ⁻ only for methods whose loss reads it (PD's is its teacher, replaced every stage).
+    has_target = methods.of(config).has_target_network
 
     def init(rng, initial):
         params_rng, state_rng = jax.random.split(rng)

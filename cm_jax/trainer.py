@@ -4,8 +4,9 @@ One step (the official order, CM Algorithms 2-3 and openai/consistency_models `r
   1. gradient of the loss at θ, optimizer update θ ← θ − η·u;
   2. evaluation EMAs θ_r ← r·θ_r + (1 − r)·θ for every configured rate r;
   3. target network θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ  (μ = 0 gives iCT's and CD's θ⁻ = θ).
-Progressive distillation adds a step 0 at the start of each stage: θ⁻ ← θ (the student becomes
-the teacher) and a fresh optimizer; its learning rate decays within each stage.
+What differs between methods, the trainer asks the run's method (cm_jax/methods): its loss,
+μ(k), and for progressive distillation a step 0 at the start of each stage (θ⁻ ← θ, the student
+becoming the teacher, and a fresh optimizer) and the learning rate's decay within a stage.
 
 Sharding: a 1-D device mesh with axis "data". The batch is split over it, everything in the
 state is replicated, and XLA inserts the gradient all-reduce, because the loss is a mean over
@@ -29,18 +30,17 @@ from jax.sharding import PartitionSpec as P
 from cm_jax import (
     checkpoint,
     data,
-    losses,
+    karras,
     lpips,
+    methods,
     metric_logging,
     models,
     optim,
     sampling,
-    schedules,
     teacher,
 )
 from cm_jax.models import uncertainty
 from cm_jax.train_state import (
-    METHODS_WITH_UNCERTAINTY,
     batch_sharding,
     count_params,
     create_mesh,
@@ -57,15 +57,13 @@ from cm_jax.train_state import (
 def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
     """jit-compiled (state, batch, frozen) -> (state, metrics), scanning steps_per_call steps
     per call; `frozen` holds the fixed networks' parameters (`load_frozen_networks`)."""
-    loss_fn = losses.get_loss_fn(net, config, teacher_net)
-    total_steps = losses.total_curriculum_steps(config)
+    method = methods.of(config)
+    loss_fn = method.loss_fn(net, config, teacher_net)
     ema_rates = tuple(config.train.ema_rates)
-    sc, staged = config.schedule, config.schedule.kind == "pd"
     microbatches = config.train.microbatches
 
     def one_step(state, batch, frozen):
-        if staged:
-            state = _start_pd_stage_if_due(state, tx, sc)
+        state = method.begin_step(state, tx, config)
         rng = jax.random.fold_in(state.rng, state.step)
 
         def gradient(rows, key):
@@ -78,17 +76,16 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
         grads, metrics = accumulate_gradient(gradient, batch, rng, microbatches, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         lr_factor = 1.0
-        if staged:
-            # The optimizers scale by the rate last, so scaling the update scales the rate.
-            lr_factor = schedules.pd_lr_factor(state.step, sc.pd_start_scales, sc.pd_stage_steps)
+        if method.staged:
+            lr_factor = method.update_scale(state.step, config)
             updates = jax.tree.map(lambda u: lr_factor * u, updates)
         params = optax.apply_updates(state.params, updates)
         ema_params = {
             ema_key(r): ema_update(state.ema_params[ema_key(r)], params, r) for r in ema_rates
         }
         target_params = state.target_params
-        if target_params is not None and not staged:  # PD holds θ⁻ (μ = 1) within a stage.
-            _, mu = schedules.num_scales_and_target_ema(state.step, config.schedule, total_steps)
+        mu = method.target_ema(state.step, config) if target_params is not None else None
+        if mu is not None:
             target_params = ema_update(target_params, params, mu)
             metrics["target_ema"] = mu
         metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step) * lr_factor)
@@ -148,52 +145,31 @@ def accumulate_gradient(gradient, batch, rng, microbatches, mesh):
     )
 
 
-def _start_pd_stage_if_due(state, tx, schedule_config):
-    """At the first step of a PD stage: θ⁻ ← θ, a fresh optimizer (moments and step count) and
-    the evaluation EMAs restarted from θ, as the official `reset_training_for_progdist`."""
-    c = schedule_config
-    due = schedules.pd_starts_stage(state.step, c.pd_start_scales, c.pd_stage_steps)
-    restarted = lambda s: s.replace(
-        target_params=s.params,
-        opt_state=tx.init(s.params),
-        ema_params={key: s.params for key in s.ema_params},
-    )
-    return jax.lax.cond(due, restarted, lambda s: s, state)
-
-
 # --------------------------------------------------------------------------- samples
 def make_sample_fn(config, net):
-    """jit-compiled (params, step) -> uint8 sample grid images, from a fixed noise (comparable
-    over time): EDM's Heun sampler for a diffusion teacher, the student's N(step) Euler steps for
-    PD, one step for consistency models."""
-    kc, n = config.karras, config.train.num_sample_images
+    """jit-compiled (params, step) -> uint8 sample grid images from a fixed noise (comparable
+    over time), sampled as the run's method does: one step for consistency models, EDM's
+    sampler with sample.edm_steps for a diffusion teacher, the steps a PD student has learned
+    by `step`."""
+    n = config.train.num_sample_images
     shape = (n, config.data.image_size, config.data.image_size, config.data.num_channels)
     z = jax.random.normal(jax.random.PRNGKey(config.train.sample_seed), shape)
     labels = (jnp.arange(n) % config.model.num_classes) if config.model.num_classes > 0 else None
-    grid = dict(
-        sigma_min=kc.sigma_min, sigma_max=kc.sigma_max, rho=kc.rho, sigma_data=kc.sigma_data
+    method, kc, sample_c = methods.of(config), config.karras, config.sample
+    scalings = dict(karras.grid(kc), sigma_data=kc.sigma_data)
+    sampler = sampling.sampler_for(
+        method.sampler,
+        sigmas=(kc.sigma_max,),
+        edm_steps=sample_c.edm_steps,
+        edm_solver=sample_c.edm_solver,
     )
-    sc = config.schedule
 
-    def sampler(params, step):
-        if config.method == "edm":
-            return sampling.edm_heun_sample(
-                net, params, z, labels, num_steps=config.edm.sample_steps, **grid
-            )
-        if config.method == "pd":
-            num_steps = schedules.pd_learned_steps(step, sc.pd_start_scales, sc.pd_stage_steps)
-            return sampling.pd_sample(net, params, z, labels, num_steps=num_steps, **grid)
-        return sampling.onestep_sample(
-            net,
-            params,
-            z,
-            labels,
-            sigma_max=kc.sigma_max,
-            sigma_min=kc.sigma_min,
-            sigma_data=kc.sigma_data,
-        )
+    def sample(params, step):
+        # A PD student's steps follow its stage: traced, so one program serves every stage.
+        learned = method.learned_steps(config, step)
+        return data.to_uint8(sampler(net, params, z, labels, None, learned=learned, **scalings))
 
-    return jax.jit(lambda params, step: data.to_uint8(sampler(params, step)))
+    return jax.jit(sample)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -214,19 +190,20 @@ class _PreemptionFlag:
 
 def validate_config(config):
     """One clear error for settings the loop cannot honour, before anything is compiled."""
-    t = config.train
-    if t.batch_size % jax.device_count():
+    tc = config.train
+    if tc.batch_size % jax.device_count():
         raise ValueError(
-            f"train.batch_size={t.batch_size} is not divisible by the {jax.device_count()} devices."
+            f"train.batch_size={tc.batch_size} is not divisible by the "
+            f"{jax.device_count()} devices."
         )
-    if t.steps_per_call < 1:
-        raise ValueError(f"train.steps_per_call={t.steps_per_call} must be at least 1.")
-    if t.microbatches < 1 or t.batch_size % (t.microbatches * jax.device_count()):
+    if tc.steps_per_call < 1:
+        raise ValueError(f"train.steps_per_call={tc.steps_per_call} must be at least 1.")
+    if tc.microbatches < 1 or tc.batch_size % (tc.microbatches * jax.device_count()):
         raise ValueError(
-            f"train.microbatches={t.microbatches} must be at least 1 and divide "
-            f"the {t.batch_size // jax.device_count()} rows of the batch each of "
+            f"train.microbatches={tc.microbatches} must be at least 1 and divide "
+            f"the {tc.batch_size // jax.device_count()} rows of the batch each of "
             f"the {jax.device_count()} devices holds "
-            f"(train.batch_size={t.batch_size})."
+            f"(train.batch_size={tc.batch_size})."
         )
     for name, least in (
         ("num_steps", 1),
@@ -235,102 +212,42 @@ def validate_config(config):
         ("sample_every", 0),
         ("fid_every", 0),
     ):
-        value = getattr(t, name)
-        if value < least or value % t.steps_per_call:
+        value = getattr(tc, name)
+        if value < least or value % tc.steps_per_call:
             raise ValueError(
                 f"train.{name}={value} must be a multiple of "
-                f"train.steps_per_call={t.steps_per_call} and at least {least}."
+                f"train.steps_per_call={tc.steps_per_call} and at least {least}."
             )
-    if not t.ema_rates:
+    if not tc.ema_rates:
         raise ValueError("train.ema_rates is empty: give at least one evaluation EMA rate.")
-    if any(not 0.0 <= r < 1.0 for r in t.ema_rates):
-        raise ValueError(f"train.ema_rates={tuple(t.ema_rates)} must lie in [0, 1).")
-    if (config.method == "pd") != (config.schedule.kind == "pd"):
-        raise ValueError(
-            f"method={config.method!r} with schedule.kind={config.schedule.kind!r}: "
-            "progressive distillation needs both to be 'pd' (configs/cifar10_pd.py)."
-        )
-    if config.method == "pd":
-        schedules.check_pd_schedule(config.schedule.pd_start_scales, config.schedule.pd_stage_steps)
-    if config.method == "ect":
-        schedules.check_ect_schedule(config.ect, t.num_steps)
-        if config.teacher.init_student and not config.teacher.workdir:
-            raise ValueError(
-                "ECT starts from a pretrained diffusion model: set "
-                "config.teacher.workdir to a method='edm' run, or "
-                "config.teacher.init_student=False to train from scratch."
-            )
-    if config.method in METHODS_WITH_UNCERTAINTY:  # sCT and sCD
-        _check_scm_config(config)
-
-
-def _check_scm_config(config):
-    c = config.scm
-    if config.method == "scd" and not config.teacher.workdir:
-        raise ValueError(
-            "sCD distils an EDM teacher: set config.teacher.workdir to a "
-            "method='edm' run (configs/cifar10_edm.py:scm)."
-        )
-    if config.method == "sct" and config.teacher.init_student and not config.teacher.workdir:
-        raise ValueError(
-            "sCT starts from a pretrained diffusion model, as in the paper: set "
-            "config.teacher.workdir to a method='edm' run "
-            "(configs/cifar10_edm.py:scm), or config.teacher.init_student=False "
-            "to train from scratch."
-        )
-    if c.jvp not in ("autodiff", "finite_difference"):
-        raise ValueError(f"scm.jvp={c.jvp!r}: use autodiff or finite_difference.")
-    if c.jvp == "autodiff" and config.model.get("attention_impl") == "cudnn":
-        raise ValueError(
-            "scm.jvp='autodiff' needs forward-mode differentiation through the "
-            "network, which cuDNN's fused attention (model.attention_impl='cudnn', "
-            "a custom VJP) does not have: use the default attention or "
-            "scm.jvp='finite_difference'."
-        )
-    if not 0 <= c.jvp_eps < 0.1:
-        raise ValueError(f"scm.jvp_eps={c.jvp_eps} must lie in [0, 0.1) (0: by the dtype).")
-    if c.tangent_norm not in ("rms", "l2"):
-        raise ValueError(f"scm.tangent_norm={c.tangent_norm!r}: use rms or l2.")
-    if c.tangent_norm_c <= 0 or c.tangent_warmup_steps < 0 or c.uncertainty_channels < 1:
-        raise ValueError(
-            f"scm.tangent_norm_c={c.tangent_norm_c} must be > 0, "
-            f"scm.tangent_warmup_steps={c.tangent_warmup_steps} ≥ 0 and "
-            f"scm.uncertainty_channels={c.uncertainty_channels} ≥ 1."
-        )
-
-
-def uses_teacher(config):
-    """CD, PD and sCD distil a teacher; ECT and sCT start from one unless init_student=False."""
-    return config.method in ("cd", "pd", "scd") or (
-        config.method in ("ect", "sct") and config.teacher.init_student
-    )
+    if any(not 0.0 <= r < 1.0 for r in tc.ema_rates):
+        raise ValueError(f"train.ema_rates={tuple(tc.ema_rates)} must lie in [0, 1).")
+    methods.of(config).check_config(config)
 
 
 def load_frozen_networks(config, mesh):
     """(teacher network or None, frozen) where frozen holds the parameters the loss reads but
     never trains: "teacher" (the EDM teacher of CD, PD and sCD, the starting point of ECT and
     of sCT when it has one) and "lpips" (the LPIPS VGG16), replicated."""
-    teacher_net, frozen = None, {}
-    if uses_teacher(config):
+    method, teacher_net, frozen = methods.of(config), None, {}
+    if method.uses_teacher(config):
         teacher_net, _, frozen["teacher"] = teacher.load_teacher(config.teacher, mesh)
         logging.info("Teacher: %s", config.teacher.workdir)
-    if config.method != "edm" and config.loss.distance == "lpips":
+    if method.uses_loss_distance and config.loss.distance == "lpips":
         params = lpips.load_lpips_params(config.loss.lpips_vgg_path)
         frozen["lpips"] = jax.device_put(params, replicated(mesh))
     return teacher_net, frozen
 
 
 def initial_student(config, net, frozen):
-    """θ to start from instead of the initialiser, or None. CD and sCD start from their teacher
-    when teacher.init_student (the official CD runs); PD always does, and then keeps its
-    teacher in the state as θ⁻ only, and the losses of ECT and sCT never read it, so these take
-    it out of `frozen`. sCM's uncertainty head starts fresh beside the teacher's weights."""
-    if config.method in ("pd", "ect", "sct") and "teacher" in frozen:
-        params = frozen.pop("teacher")
-    elif config.method in ("cd", "scd") and config.teacher.init_student:
-        params = frozen["teacher"]
-    else:
+    """θ to start from instead of the initialiser, or None: the teacher's weights where the
+    method starts from them (`Method.student_start`). A method whose loss does not read the
+    teacher (PD keeps it in the state as θ⁻; ECT and sCT never read it) takes it out of
+    `frozen`. sCM's uncertainty head starts fresh beside the teacher's weights."""
+    method = methods.of(config)
+    if "teacher" not in frozen or not method.starts_from_teacher(config):
         return None
+    params = frozen["teacher"] if method.distills else frozen.pop("teacher")
     _check_same_architecture(config, net, params)
     return with_uncertainty_head(config, params, jax.random.PRNGKey(config.train.seed))
 
@@ -341,7 +258,8 @@ def _check_same_architecture(config, net, params):
     expected, _ = uncertainty.split(expected)
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
     if shapes(expected) != shapes(params):
-        remedy = "" if config.method == "pd" else " or set --config.teacher.init_student=False"
+        optional = methods.of(config).student_start == methods.base.OPTIONAL
+        remedy = " or set --config.teacher.init_student=False" if optional else ""
         raise ValueError(
             f"The student starts from the teacher's weights, but config.model builds "
             f"a network whose parameters differ from the teacher's; match the "
@@ -415,42 +333,42 @@ def train_and_evaluate(config, workdir, hooks=()):
 
 
 def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh, hooks):
-    t = config.train
+    tc = config.train
     start = int(state.step)
-    if start >= t.num_steps:
-        logging.info("Step %d already reached num_steps=%d: nothing to train.", start, t.num_steps)
+    if start >= tc.num_steps:
+        logging.info("Step %d already reached num_steps=%d: nothing to train.", start, tc.num_steps)
         return
     preemption = _PreemptionFlag()
     iterator = data.TrainIterator(
         dataset,
-        t.batch_size,
-        batch_sharding(mesh, t.steps_per_call),
+        tc.batch_size,
+        batch_sharding(mesh, tc.steps_per_call),
         start_step=start,
         seed=config.data.seed,
         random_flip=config.data.random_flip,
         prefetch=config.data.prefetch,
-        steps_per_call=t.steps_per_call,
+        steps_per_call=tc.steps_per_call,
     )
-    progress = _Progress(start, t.num_steps, t.batch_size)
+    progress = _Progress(start, tc.num_steps, tc.batch_size)
     try:
         for step, batch in iterator:
             state, metrics = train_step(state, batch)
-            step += t.steps_per_call
-            progress.advance(t.steps_per_call)
-            if step % t.log_every == 0 or step == t.num_steps:
+            step += tc.steps_per_call
+            progress.advance(tc.steps_per_call)
+            if step % tc.log_every == 0 or step == tc.num_steps:
                 _log(writer, step, metrics, progress)
-            if sample_fn is not None and step % t.sample_every == 0:
-                _save_samples(sample_fn, state, workdir, step, t.ema_rates[0])
+            if sample_fn is not None and step % tc.sample_every == 0:
+                _save_samples(sample_fn, state, workdir, step, tc.ema_rates[0])
             for every, hook in hooks:
                 if step % every == 0:
                     writer.write_scalars(step, hook(step, state))
                     writer.flush()
             stop = (
-                step >= t.num_steps
+                step >= tc.num_steps
                 or preemption.raised
                 or (jax.process_count() > 1 and ckpt.reached_preemption(step))
             )
-            if stop or step % t.save_every == 0:
+            if stop or step % tc.save_every == 0:
                 ckpt.save(step, state, data_meta(config))
             if stop:
                 break

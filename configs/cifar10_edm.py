@@ -19,7 +19,8 @@ def get_config(variant=None):
     c.method = "edm"
     c.model.dropout = 0.13
     c.optim.update(name="adam", lr=1e-3, warmup_steps=19_531, grad_clip=0.0)
-    c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=18)
+    c.edm.update(p_mean=-1.2, p_std=1.2)
+    c.sample.edm_steps = 18
     c.train.update(batch_size=512, num_steps=400_000, ema_rates=(0.99929,))
     if variant == "scm":
         c.model.embedding_type = "positional"
@@ -29,7 +30,7 @@ def get_config(variant=None):
     elif variant == "test":
         common.apply_test_variant(c)
         c.optim.warmup_steps = 2
-        c.edm.sample_steps = 3
+        c.sample.edm_steps = 3
     elif variant:
         raise ValueError(f"Unknown variant {variant!r} of cifar10_edm: use scm, cpu or test.")
     return c

@@ -148,7 +148,7 @@ def base_config():
         eps=1e-8,
         weight_decay=0.0,
     )
-    c.edm = dict(p_mean=-1.2, p_std=1.2, sample_steps=18)
+    c.edm = dict(p_mean=-1.2, p_std=1.2)
     # method="ect": the gap t − r of easy consistency training (schedules.ect_r); t is drawn
     # lognormally with loss.p_mean and loss.p_std.
     c.ect = dict(
@@ -186,7 +186,7 @@ def base_config():
         sigmas=(),  # Decreasing σ's of CM Algorithm 1, e.g. (80.0, 0.821); () = one step
         ts=(),  # Or the official indices into a num_scales grid, e.g. (0, 22, 39)
         num_scales=0,
-        edm_steps=18,  # EDM teacher runs: Heun/Euler steps
+        edm_steps=18,  # EDM teacher runs: Heun/Euler steps (also the sample grids)
         edm_solver="heun",
         pd_steps=0,  # PD runs: Euler steps; 0 = the steps the student learned
         seed=0,
@@ -408,7 +408,7 @@ def apply_adm_teacher_recipe(c, small):
         c.train.num_steps = 600_000
     c.optim.update(name="radam", lr=1e-3 if small == "cpu" else 1e-4, warmup_steps=0, grad_clip=0.0)
     steps = {"cpu": 18, "test": 3}.get(small, 40)
-    c.edm.update(p_mean=-1.2, p_std=1.2, sample_steps=steps)
+    c.edm.update(p_mean=-1.2, p_std=1.2)
     c.sample.edm_steps = steps
     return c
 

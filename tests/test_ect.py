@@ -11,7 +11,7 @@ import pytest
 from test_losses import OracleNet, _batch, _x0
 from toy_networks import tiny_model
 
-from cm_jax import karras, losses, models, precond, runs, schedules, train_state, trainer
+from cm_jax import karras, methods, models, precond, runs, schedules, train_state, trainer
 from cm_jax.generate import Generator
 from configs import cifar10_ect
 
@@ -119,12 +119,12 @@ def test_loss_vanishes_for_the_exact_consistency_function(step):
     config = _config()
     params = {"x0": _x0()}
     batch = _batch(params["x0"])
-    loss_fn = losses.get_loss_fn(OracleNet("consistency", sigma_min=0.0), config)
+    loss_fn = methods.get_loss_fn(OracleNet("consistency", sigma_min=0.0), config)
     loss, metrics = loss_fn(params, None, batch, jax.random.PRNGKey(step), step)
     assert float(loss) < 1e-5
     assert int(metrics["ect_stage"]) == step // 2
     assert 0.0 < float(metrics["target_at_data"]) < 1.0  # Both kinds of target occur.
-    wrong = losses.get_loss_fn(OracleNet("consistency", sigma_min=0.0, error=0.05), config)
+    wrong = methods.get_loss_fn(OracleNet("consistency", sigma_min=0.0, error=0.05), config)
     bad, _ = wrong(params, None, batch, jax.random.PRNGKey(step), step)
     assert float(bad) > 1e-2
 
@@ -151,7 +151,7 @@ def test_loss_and_its_gradient_equal_the_formula_by_hand(step):
     net, params = tiny_model((SIZE, SIZE, 3))
     x = jax.random.uniform(jax.random.PRNGKey(7), (16, SIZE, SIZE, 3), minval=-1, maxval=1)
     batch, rng = {"image": x, "label": jnp.zeros((16,), jnp.int32)}, jax.random.PRNGKey(11)
-    loss_fn = losses.get_loss_fn(net, config)
+    loss_fn = methods.get_loss_fn(net, config)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, None, batch, rng, step)
     expected, r = _by_hand(net, params, params, x, rng, step, config)
     # Stage 0 clamps r at 0 for t ≤ ln 7; from stage 2 on (Δt/t < 5/8) r > 0 for every t.
@@ -177,7 +177,7 @@ def test_online_and_target_share_dropout_and_the_training_scalings(
     monkeypatch.setattr(precond, "consistency_fn", spy)
     config = _config(boundary_in_training=boundary)
     net, params = tiny_model((SIZE, SIZE, 3))
-    losses.get_loss_fn(net, config)(params, None, _batch(_x0(), n=4), jax.random.PRNGKey(1), 0)
+    methods.get_loss_fn(net, config)(params, None, _batch(_x0(), n=4), jax.random.PRNGKey(1), 0)
     assert len(seen) == 2
     np.testing.assert_array_equal(seen[0][0], seen[1][0])
     assert seen[0][1] == seen[1][1] == sigma_min

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_networks import tiny_model
 
 from cm_jax import editing, sampling
-from tests.toy_networks import tiny_model
 
 SIZE = 16
 SHAPE = (SIZE, SIZE, 3)

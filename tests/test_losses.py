@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import karras, losses, lpips, precond
+from cm_jax import karras, lpips, methods, precond
 from configs import cifar10_cd_l2, cifar10_ct, cifar10_edm, cifar10_ict
 
 SIZE = 8
@@ -84,13 +84,13 @@ def test_ct_loss_vanishes_for_the_exact_consistency_function(recipe, step):
     config = _config(module, **overrides)
     config.train.num_steps = 4
     params = {"x0": _x0()}
-    loss_fn = losses.get_loss_fn(OracleNet("consistency"), config)
+    loss_fn = methods.get_loss_fn(OracleNet("consistency"), config)
     loss, metrics = loss_fn(params, params, _batch(params["x0"]), jax.random.PRNGKey(step), step)
     # Float32 rounding only (amplified by 1/σ² weights near σ_min).
     assert float(loss) < 1e-5, (recipe, float(loss))
     assert int(metrics["num_scales"]) >= 2
 
-    wrong = losses.get_loss_fn(OracleNet("consistency", error=0.05), config)
+    wrong = methods.get_loss_fn(OracleNet("consistency", error=0.05), config)
     bad, _ = wrong(params, params, _batch(params["x0"]), jax.random.PRNGKey(step), step)
     assert float(bad) > 1e-3, (recipe, float(bad))
 
@@ -101,7 +101,7 @@ def test_cd_loss_vanishes_for_the_exact_student_and_teacher(solver):
     config.teacher.solver = solver
     params = {"x0": _x0()}
     batch = _batch(params["x0"])
-    loss_fn = losses.get_loss_fn(OracleNet("consistency"), config, OracleNet("edm"))
+    loss_fn = methods.get_loss_fn(OracleNet("consistency"), config, OracleNet("edm"))
     loss, metrics = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, {"teacher": params})
     assert int(metrics["num_scales"]) == 18
     assert float(loss) < 1e-9
@@ -110,18 +110,18 @@ def test_cd_loss_vanishes_for_the_exact_student_and_teacher(solver):
     bad, _ = loss_fn(params, params, batch, jax.random.PRNGKey(0), 0, {"teacher": wrong})
     assert float(bad) > 1e-4
     with pytest.raises(ValueError, match="needs a teacher"):
-        losses.get_loss_fn(OracleNet("consistency"), config)
+        methods.get_loss_fn(OracleNet("consistency"), config)
 
 
 def test_edm_loss_vanishes_for_the_exact_denoiser():
     config = _config(cifar10_edm)
     params = {"x0": _x0()}
-    loss, _ = losses.get_loss_fn(OracleNet("edm"), config)(
+    loss, _ = methods.get_loss_fn(OracleNet("edm"), config)(
         params, None, _batch(params["x0"]), jax.random.PRNGKey(0), 0
     )
     assert float(loss) < 1e-9
     # D = x0 + 0.1 everywhere: each example costs λ(σ)·0.01 with λ(σ) ≥ 1/σ_d² = 4.
-    bad, _ = losses.get_loss_fn(OracleNet("edm", error=0.1), config)(
+    bad, _ = methods.get_loss_fn(OracleNet("edm", error=0.1), config)(
         params, None, _batch(params["x0"]), jax.random.PRNGKey(0), 0
     )
     assert float(bad) >= 0.04
@@ -138,7 +138,7 @@ def _toy_setup(module=cifar10_ct):
 
 def test_gradient_flows_only_through_the_online_branch():
     config, net, batch, params, target = _toy_setup()
-    loss_fn = losses.get_loss_fn(net, config)
+    loss_fn = methods.get_loss_fn(net, config)
     grad_online, grad_target = jax.grad(
         lambda p, t: loss_fn(p, t, batch, jax.random.PRNGKey(1), 2)[0], argnums=(0, 1)
     )(params, target)
@@ -156,7 +156,7 @@ def test_online_and_target_share_the_dropout_key(monkeypatch):
 
     monkeypatch.setattr(precond, "consistency_fn", spy)
     config, net, batch, params, target = _toy_setup()
-    losses.get_loss_fn(net, config)(params, target, batch, jax.random.PRNGKey(1), 2)
+    methods.get_loss_fn(net, config)(params, target, batch, jax.random.PRNGKey(1), 2)
     assert len(seen) == 2
     np.testing.assert_array_equal(seen[0], seen[1])
 
@@ -165,16 +165,16 @@ def test_unknown_method_is_a_clear_error():
     config = _config(cifar10_ct)
     config.method = "gan"
     with pytest.raises(ValueError, match="Unknown method 'gan'"):
-        losses.get_loss_fn(ToyNet(), config)
+        methods.get_loss_fn(ToyNet(), config)
 
 
 def test_lpips_metric_reads_its_weights_from_frozen():
     config = _config(cifar10_ct, distance="lpips", lpips_resize=32)
     params = {"x0": _x0()}
     frozen = {"lpips": lpips.init_params(0)}
-    loss_fn = losses.get_loss_fn(OracleNet("consistency"), config)
+    loss_fn = methods.get_loss_fn(OracleNet("consistency"), config)
     loss, _ = loss_fn(params, params, _batch(params["x0"], n=4), jax.random.PRNGKey(0), 3, frozen)
     assert float(loss) < 1e-6
-    wrong = losses.get_loss_fn(OracleNet("consistency", error=0.05), config)
+    wrong = methods.get_loss_fn(OracleNet("consistency", error=0.05), config)
     bad, _ = wrong(params, params, _batch(params["x0"], n=4), jax.random.PRNGKey(0), 3, frozen)
     assert float(bad) > 1e-6

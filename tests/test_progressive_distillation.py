@@ -13,7 +13,7 @@ from toy_networks import tiny_model
 from cm_jax import (
     data,
     karras,
-    losses,
+    methods,
     ode,
     optim,
     precond,
@@ -23,6 +23,7 @@ from cm_jax import (
     trainer,
 )
 from cm_jax.generate import Generator
+from cm_jax.methods import pd
 from configs import cifar10_pd
 
 K = 50_000  # The paper config's stage length, with N_0 = 4096.
@@ -107,7 +108,7 @@ def test_target_by_hand_for_a_linear_teacher():
     teacher = lambda x, sigma: 0.5 * x
     x_hi = jnp.ones((1, 2, 2, 1))
     sigma = lambda v: jnp.full((1,), v)
-    target = losses.pd_target(teacher, x_hi, sigma(2.0), sigma(1.0), sigma(0.5))
+    target = pd.pd_target(teacher, x_hi, sigma(2.0), sigma(1.0), sigma(0.5))
     np.testing.assert_allclose(np.asarray(target), 5 / 12, rtol=1e-6)
 
 
@@ -116,7 +117,7 @@ def test_target_is_the_clean_image_for_an_exact_teacher():
     # exactly, so the target is x0 whatever the noise and σ's.
     x0 = _x0()[None]
     z = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
-    target = losses.pd_target(
+    target = pd.pd_target(
         lambda x, s: x0, x0 + 7.0 * z, jnp.array([7.0]), jnp.array([3.0]), jnp.array([0.4])
     )
     np.testing.assert_allclose(np.asarray(target), np.asarray(x0), atol=2e-6)
@@ -131,7 +132,7 @@ def _config(size=8):
 def test_loss_vanishes_for_the_exact_student_and_teacher():
     config = _config()
     params = {"x0": _x0()}
-    loss_fn = losses.get_loss_fn(OracleNet("edm"), config)
+    loss_fn = methods.get_loss_fn(OracleNet("edm"), config)
     for step in (0, 1, 3):  # N = 4, 2, 1: the last is one step from σ_max to σ_min.
         loss, metrics = loss_fn(
             params, params, _batch(params["x0"]), jax.random.PRNGKey(step), step
@@ -153,7 +154,7 @@ def test_loss_is_the_weighted_distance_to_the_teachers_two_half_steps():
     _, teacher = tiny_model((8, 8, 3), seed=2)
     x0 = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 3), minval=-1, maxval=1)
     rng = jax.random.PRNGKey(5)
-    loss, _ = losses.get_loss_fn(net, config)(
+    loss, _ = methods.get_loss_fn(net, config)(
         student, teacher, {"image": x0, "label": None}, rng, 1
     )
     index_rng, noise_rng, _ = jax.random.split(rng, 3)

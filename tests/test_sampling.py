@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_networks import tiny_model
 
 from cm_jax import precond, sampling
-from tests.toy_networks import tiny_model
 
 SHAPE = (8, 8, 3)
 
@@ -209,15 +209,17 @@ def test_edm_on_gaussian_data_against_the_exact_solution():
 def test_edm_network_samplers(model):
     net, params = model
     z, keys = _noise(range(3))
-    heun = jax.jit(functools.partial(sampling.edm_heun_sample, net, num_steps=4))
-    euler = jax.jit(functools.partial(sampling.edm_euler_sample, net, num_steps=4))
+    heun = jax.jit(functools.partial(sampling.edm_network_sample, net, num_steps=4))
+    euler = jax.jit(
+        functools.partial(sampling.edm_network_sample, net, solver="euler", num_steps=4)
+    )
     a, b = heun(params, z), euler(params, z)
     assert a.shape == z.shape and float(jnp.max(jnp.abs(a))) <= 1.0
     assert not np.allclose(a, b)
-    churn = jax.jit(functools.partial(sampling.edm_heun_sample, net, num_steps=4, S_churn=10.0))
+    churn = jax.jit(functools.partial(sampling.edm_network_sample, net, num_steps=4, S_churn=10.0))
     c = churn(params, z, noise_rng=keys)
     assert not np.allclose(a, c)
     # Churn noise is per sample: sample 2 alone gets the same image.
     np.testing.assert_allclose(churn(params, z[2:], noise_rng=keys[2:]), c[2:], atol=1e-4)
     with pytest.raises(ValueError, match="noise_rng"):
-        sampling.edm_euler_sample(net, params, z, num_steps=4, S_churn=1.0)
+        sampling.edm_network_sample(net, params, z, solver="euler", num_steps=4, S_churn=1.0)

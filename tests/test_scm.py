@@ -15,8 +15,9 @@ from test_losses import OracleNet, _batch, _x0
 from test_trainer import _assert_trees_close, _run
 from toy_networks import TinyNet, tiny_model
 
-from cm_jax import losses, models, precond, runs, train_state, trainer, trigflow
+from cm_jax import methods, models, precond, runs, train_state, trainer, trigflow
 from cm_jax.generate import Generator
+from cm_jax.methods import scm
 from cm_jax.models import uncertainty
 from configs import cifar10_edm, cifar10_scd, cifar10_sct
 
@@ -108,11 +109,11 @@ def test_the_tangent_vanishes_for_the_exact_consistency_function(step):
     config = _config()
     params = _with_head({"x0": _x0()}, config)
     batch = _batch(params["x0"])
-    exact = losses.get_loss_fn(OracleNet("edm"), config)
+    exact = methods.get_loss_fn(OracleNet("edm"), config)
     _, metrics = exact(params, None, batch, jax.random.PRNGKey(step), step)
     assert float(metrics["tangent_warmup"]) == min(1.0, step / 2)
     assert float(metrics["tangent_rms"]) < 1e-3
-    wrong = losses.get_loss_fn(OracleNet("consistency", sigma_min=0.0, error=0.05), config)
+    wrong = methods.get_loss_fn(OracleNet("consistency", sigma_min=0.0, error=0.05), config)
     _, bad = wrong(params, None, batch, jax.random.PRNGKey(step), step)
     assert float(bad["tangent_rms"]) > 1e-2
 
@@ -167,7 +168,7 @@ def test_loss_and_its_gradient_equal_the_closed_form(step):
     params = _with_head({"a": jnp.float32(0.7)}, config)
     x = jax.random.uniform(jax.random.PRNGKey(7), (16, SIZE, SIZE, 3), minval=-1, maxval=1)
     batch, rng = {"image": x, "label": jnp.zeros((16,), jnp.int32)}, jax.random.PRNGKey(11)
-    loss_fn = losses.get_loss_fn(net, config)
+    loss_fn = methods.get_loss_fn(net, config)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, None, batch, rng, step
     )
@@ -192,7 +193,7 @@ def test_finite_differences_agree_with_the_jvp(use_closed_form):
     results = []
     for jvp in ("autodiff", "finite_difference"):
         config.scm.jvp = jvp
-        loss_fn = jax.value_and_grad(losses.get_loss_fn(net, config), has_aux=True)
+        loss_fn = jax.value_and_grad(methods.get_loss_fn(net, config), has_aux=True)
         (loss, _), grads = loss_fn(params, None, batch, rng, 4)
         results.append((float(loss), jax.tree.leaves(grads)))
     # Measured: 2e-6 in the loss, 7e-5 of the largest gradient entry (1e-3 with a step 50×).
@@ -213,7 +214,7 @@ def test_the_online_pass_and_the_jvp_share_the_dropout_key(monkeypatch):
     config = _config()
     net, params = tiny_model((SIZE, SIZE, 3))
     params = _with_head(params, config)
-    losses.get_loss_fn(net, config)(params, None, _batch(_x0(), n=4), jax.random.PRNGKey(1), 0)
+    methods.get_loss_fn(net, config)(params, None, _batch(_x0(), n=4), jax.random.PRNGKey(1), 0)
     assert len(seen) == 2
     np.testing.assert_array_equal(seen[0][0], seen[1][0])
     assert seen[0][1] and seen[1][1]
@@ -263,11 +264,11 @@ def test_scm_settings_are_checked():
 
 def test_the_difference_step_follows_the_compute_dtype():
     config = _config()
-    assert losses.difference_step(config) == 1e-3
+    assert scm.difference_step(config) == 1e-3
     config.model.dtype = "bfloat16"
-    assert losses.difference_step(config) == 0.05
+    assert scm.difference_step(config) == 0.05
     config.scm.jvp_eps = 0.02
-    assert losses.difference_step(config) == 0.02
+    assert scm.difference_step(config) == 0.02
 
 
 def test_paper_recipe():
