@@ -1,31 +1,57 @@
-"""LPIPS v0.1 with the VGG16 trunk (Zhang et al. 2018), the distance of CM's distillation.
+"""LPIPS(VGG16) (Zhang et al. 2018), the distance of CM's distillation, in two variants.
 
     d(x, y) = Σ_l mean_{h,w} Σ_c w_lc · (x̂_lhwc − ŷ_lhwc)²,
     x̂_l = φ_l(s(x)) / (‖φ_l(s(x))‖₂ + 1e-10)
 
-with s the LPIPS scaling layer, φ_l the VGG16 activations relu1_2, relu2_2, relu3_3, relu4_3,
-relu5_3 (torchvision's `vgg16().features`, max pooling), the norm over channels, and w_l ≥ 0 the
-five learned 1×1 "linear" heads of the `lpips` package (v0.1, no bias). Every constant follows
-`lpips==0.1.4` (`lpips/lpips.py`, `lpips/pretrained_networks.py`).
+with s the input normalisation, φ_l the VGG16 activations relu1_2, relu2_2, relu3_3, relu4_3,
+relu5_3 (torchvision's `vgg16().features`), the norm over channels, and w_l ≥ 0 the five learned
+"linear" heads (1,472 values, no bias). `lpips_distance(..., variant=...)` picks one of:
 
-Inputs are in [−1, 1], as LPIPS expects. The scaling layer (x − shift) / scale with
-shift = (−.030, −.088, −.188), scale = (.458, .448, .450) is torchvision's ImageNet
-normalisation (x01 − mean) / std of the image x01 = (x + 1)/2 (shift = 2·mean − 1,
-scale = 2·std), which is how the official JAX CM code feeds its flaxmodels VGG16.
+"lpips" (default): the `lpips` package, as the official JAX CM code uses it. Every constant
+follows `lpips==0.1.4` (`lpips/lpips.py`: ScalingLayer, normalize_tensor, LPIPS.forward;
+`lpips/pretrained_networks.py`: vgg16 slices): s(x) = (x − shift) / scale with
+shift = (−.030, −.088, −.188), scale = (.458, .448, .450), and VGG16 with its max pools.
 
-Resizing: the official CIFAR-10 CM code (JAX) resizes both images bilinearly to 224×224 before
-LPIPS. `lpips_distance` does the same when an image is smaller than `resize_to`
-(`jax.image.resize`, bilinear, half-pixel centres; for upsampling this equals PyTorch's
-`interpolate(mode="bilinear", align_corners=False)`, and antialiasing has no effect). The
-PyTorch CM code instead uses piq's LPIPS with `replace_pooling=True` (average pooling): a
-different metric, not reproduced here.
+"piq": `piq.LPIPS(replace_pooling=True, reduction="none")`, what the official PyTorch CM code
+builds (`cm/karras_diffusion.py`, KarrasDenoiser.__init__; `setup.py` pins piq==0.7.0, and
+`piq/perceptual.py` is byte-identical in 0.8.0). The CM code maps its images to [0, 1] with
+(x + 1)/2; piq (`piq/perceptual.py`, ContentLoss.get_features) then takes
+(x01 − mean) / std with IMAGENET_MEAN = (.485, .456, .406), IMAGENET_STD = (.229, .224, .225),
+and `replace_pooling` turns every MaxPool2d of the trunk into AvgPool2d(kernel_size=2,
+stride=2, padding=0). The rest is the same formula as lpips: the taps relu1_2 … relu5_3
+(piq's VGG16_LAYERS '3', '8', '15', '22', '29'), unit-normalised over channels with EPS = 1e-10
+(ContentLoss.normalize), squared difference (nn.MSELoss(reduction='none')), weighted per
+channel, averaged over space, summed over channels and layers (ContentLoss.forward).
+So the two variants differ only in the pooling: their input normalisations are equal
+(shift = 2·mean − 1, scale = 2·std exactly; only the float32 rounding order differs).
 
-Weights. The heads (1,472 values) come from the `lpips` wheel's `lpips/weights/v0.1/vgg.pth`.
+piq's heads are not in its wheel: it downloads them at run time (PIQ_HEADS_URL, release
+v0.4.0 of photosynthesis.metrics, piq's former name) as a list of five [1, C, 1, 1] tensors.
+That file cannot be fetched here, so its values are unverified; piq's repository points to
+the lpips v0.1 VGG heads (its LPIPS is a port of richzhang/PerceptualSimilarity, piq issue #54;
+the test `test_lpips_similar_to_official_implementation` of its branch refactoring/perceptual
+checks piq's LPIPS, same URL, against lpips v0.1 VGG's score; its README's TID2013 SRCC / KRCC,
+0.6696 / 0.4970, is what the DISTS paper reports for LPIPS-VGG, 0.670 / 0.497), so both
+variants use the lpips v0.1 heads by default. To use piq's file itself, give it as the heads
+file (`load_lpips_params(vgg, lin_path="lpips_weights.pt")`, or `convert --lin
+lpips_weights.pt`); `convert` says whether its values are lpips v0.1's.
+
+Inputs are in [−1, 1] for both variants.
+
+Resizing: the official CM code resizes both images bilinearly to 224×224 before LPIPS (JAX:
+CIFAR-10; PyTorch: when the width is below 256, `F.interpolate(x, size=224, mode="bilinear")`
+in KarrasDenoiser's losses, so LSUN 256 is scored at 256). `lpips_distance` resizes when an
+image is smaller than `resize_to` (`jax.image.resize`, bilinear, half-pixel centres; for
+upsampling this equals PyTorch's `interpolate(mode="bilinear", align_corners=False)`, and
+antialiasing has no effect). For 32, 64 and 256 pixels this is the CM rule; the PyTorch code
+would also shrink a 224 … 255 image to 224, which this function leaves as it is.
+
+Weights. The v0.1 heads come from the `lpips` wheel's `lpips/weights/v0.1/vgg.pth`.
 The ImageNet VGG16 trunk is in no wheel and cannot be downloaded at run time here: the user
 gives it as a file, either torchvision's `vgg16` state dict saved with `torch.save`, or the npz
 that `python -m cm_jax.lpips convert --vgg VGG.pth --out lpips_vgg.npz` writes (trunk and heads
 together; loading it needs neither torch nor a network). torch is imported only to read .pth
-files.
+files. Both variants take the same parameters.
 
 The parameters are a plain pytree: {"vgg": {"conv1_1": {"kernel", "bias"}, …, "conv5_3": …},
 "lin0": [64], "lin1": [128], "lin2": [256], "lin3": [512], "lin4": [512]}, kernels in Flax
@@ -49,11 +75,18 @@ import numpy as np
 from flax import traverse_util
 
 # ---------------------------------------------------------------------------------------------
-# Constants (lpips==0.1.4 and torchvision's vgg16 "D" configuration)
+# Constants (lpips==0.1.4, piq==0.7.0 and torchvision's vgg16 "D" configuration)
 
 SHIFT = (-0.030, -0.088, -0.188)  # lpips.ScalingLayer.shift
 SCALE = (0.458, 0.448, 0.450)  # lpips.ScalingLayer.scale
-NORM_EPS = 1e-10  # lpips.normalize_tensor
+NORM_EPS = 1e-10  # lpips.normalize_tensor; piq/perceptual.py EPS is the same 1e-10
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # piq/perceptual.py IMAGENET_MEAN
+IMAGENET_STD = (0.229, 0.224, 0.225)  # piq/perceptual.py IMAGENET_STD
+# piq/perceptual.py LPIPS._weights_url: the heads piq downloads (torch.hub) at run time.
+PIQ_HEADS_URL = (
+    "https://github.com/photosynthesis-team/photosynthesis.metrics/releases/download/v0.4.0/"
+    "lpips_weights.pt"
+)
 CHANNELS = (64, 128, 256, 512, 512)
 FEATURE_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 # (block, convs per block, width): conv3-64 ×2, pool, conv3-128 ×2, pool, conv3-256 ×3, pool,
@@ -111,6 +144,31 @@ def scale_input(x):
     return (x - shift) / scale
 
 
+def piq_scale_input(x):
+    """The PyTorch CM code and piq on channel-last images in [−1, 1]: x01 = (x + 1) / 2
+    (cm/karras_diffusion.py, the argument of self.lpips_loss), then (x01 − mean) / std
+    (piq/perceptual.py, ContentLoss.get_features). Equal to `scale_input` but for float
+    rounding; the operations are piq's, in piq's order."""
+    mean = jnp.asarray(IMAGENET_MEAN, x.dtype)
+    std = jnp.asarray(IMAGENET_STD, x.dtype)
+    return ((x + 1) / 2 - mean) / std
+
+
+def pool2x2(x, kind):
+    """The pool between VGG16 blocks: "max" is torchvision's MaxPool2d(2, 2); "avg" is the
+    AvgPool2d(kernel_size=2, stride=2, padding=0) that piq's ContentLoss.replace_pooling puts
+    in its place. Both drop an odd last row or column, as PyTorch does (VALID windows)."""
+    if kind == "max":
+        return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    if kind == "avg":
+        return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    raise ValueError(f"Unknown VGG16 pooling {kind!r}: use 'max' or 'avg'.")
+
+
+# variant → (input normalisation, pooling). See the module docstring for the sources.
+VARIANTS = {"lpips": (scale_input, "max"), "piq": (piq_scale_input, "avg")}
+
+
 def normalize_channels(f, eps=NORM_EPS):
     """lpips.normalize_tensor over the last (channel) axis: f / (‖f‖₂ + eps).
 
@@ -125,16 +183,18 @@ def normalize_channels(f, eps=NORM_EPS):
 
 
 class VGG16Features(nn.Module):
-    """torchvision's vgg16 `features` up to relu5_3; returns the five LPIPS taps."""
+    """torchvision's vgg16 `features` up to relu5_3; returns the five LPIPS taps.
+    pooling: "max" (torchvision, lpips) or "avg" (piq with replace_pooling=True)."""
 
     precision: jax.lax.Precision | None = None
+    pooling: str = "max"
 
     @nn.compact
     def __call__(self, x):
         taps = []
         for block, convs, width in VGG16_BLOCKS:
             if block > 1:
-                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+                x = pool2x2(x, self.pooling)
             for i in range(1, convs + 1):
                 x = nn.Conv(
                     width,
@@ -160,9 +220,11 @@ def combine_features(feats_x, feats_y, heads):
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 (VGG16): two [B, H, W, 3] images in [−1, 1] → [B]. No resizing here."""
+    """LPIPS (VGG16): two [B, H, W, 3] images in [−1, 1] → [B]. No resizing here.
+    variant: "lpips" or "piq" (a key of VARIANTS); both have the same parameters."""
 
     precision: jax.lax.Precision | None = None
+    variant: str = "lpips"
 
     @nn.compact
     def __call__(self, x, y):
@@ -170,15 +232,16 @@ class LPIPS(nn.Module):
             self.param(f"lin{k}", nn.initializers.ones, (c,), jnp.float32)
             for k, c in enumerate(CHANNELS)
         ]
-        vgg = VGG16Features(self.precision, name="vgg")
+        normalise, pooling = VARIANTS[self.variant]
+        vgg = VGG16Features(self.precision, pooling, name="vgg")
         # Two passes, not one over the concatenated batch: in the consistency losses y is the
         # stop-gradient target, and a joint pass would carry its (zero) tangents through the
         # whole backward pass, about a third more work and memory.
-        return combine_features(vgg(scale_input(x)), vgg(scale_input(y)), heads)
+        return combine_features(vgg(normalise(x)), vgg(normalise(y)), heads)
 
 
-def lpips_distance(params, x, y, resize_to=224, precision=None):
-    """LPIPS(VGG) v0.1 between x and y, [B, H, W, 3] in [−1, 1] → [B].
+def lpips_distance(params, x, y, resize_to=224, precision=None, variant="lpips"):
+    """LPIPS(VGG) between x and y, [B, H, W, 3] in [−1, 1] → [B].
 
     Images smaller than resize_to (in height or width) are first resized bilinearly to
     resize_to × resize_to, as the official CM code does (224); resize_to=None never resizes.
@@ -188,7 +251,14 @@ def lpips_distance(params, x, y, resize_to=224, precision=None):
     precision: of the convolutions (jax.lax.Precision). None is XLA's default, which on recent
     NVIDIA GPUs may compute float32 convolutions in TF32 (about 1e-3 relative); "highest"
     gives full float32, as on CPUs.
+    variant: "lpips" (the lpips package: max pooling, the official JAX CM code) or "piq"
+    (piq.LPIPS(replace_pooling=True): average pooling, the official PyTorch CM code).
     """
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"Unknown LPIPS variant {variant!r}: use 'lpips' (the lpips package, max pooling) "
+            f"or 'piq' (piq.LPIPS(replace_pooling=True), average pooling)."
+        )
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(
             f"LPIPS takes two [B, H, W, 3] arrays of one shape, got {x.shape} and {y.shape}."
@@ -200,7 +270,7 @@ def lpips_distance(params, x, y, resize_to=224, precision=None):
         shape = (b, resize_to, resize_to, c)
         x = jax.image.resize(x, shape, method="bilinear", antialias=False)
         y = jax.image.resize(y, shape, method="bilinear", antialias=False)
-    return LPIPS(precision=precision).apply({"params": params}, x, y)
+    return LPIPS(precision=precision, variant=variant).apply({"params": params}, x, y)
 
 
 def param_shapes():
@@ -230,7 +300,9 @@ def init_params(seed=0):
 # Weights: torch state dicts → params, npz files
 
 
-def _torch_load(path):
+def _torch_load_object(path, expected, hint=""):
+    """torch.load(path) of tensors only; `expected` (what the file should hold) and `hint` go
+    into the error message when it cannot be read."""
     try:
         import torch  # Only to read .pth files; never needed for an npz.
     except ImportError as e:
@@ -240,17 +312,32 @@ def _torch_load(path):
             f"convert` and use the npz."
         ) from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # A pickled whole model, a truncated file, …
         raise LPIPSWeightsError(
-            f"Could not read {path} as a PyTorch state dict ({type(e).__name__}: {e}). It must be "
-            f"a state dict saved with torch.save(model.state_dict(), path).\n{VGG_HOWTO}"
+            f"Could not read {path} as {expected} ({type(e).__name__}: {e}).{hint}"
         ) from e
+
+
+def _as_numpy(value):
+    return np.asarray(value.detach().float().cpu().numpy(), np.float32)
+
+
+def _state_dict_arrays(state_dict):
+    return {k: _as_numpy(v) for k, v in state_dict.items() if hasattr(v, "numpy")}
+
+
+def _torch_load(path):
+    obj = _torch_load_object(
+        path,
+        "a PyTorch state dict",
+        f" It must be a state dict saved with torch.save(model.state_dict(), path).\n{VGG_HOWTO}",
+    )
     if not isinstance(obj, dict):
         raise LPIPSWeightsError(
             f"{path} holds a {type(obj).__name__}, not a state dict.\n{VGG_HOWTO}"
         )
-    return {k: v.detach().float().cpu().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+    return _state_dict_arrays(obj)
 
 
 def vgg_params_from_state_dict(state_dict):
@@ -292,6 +379,27 @@ def heads_from_state_dict(state_dict):
                 f"No LPIPS head lin{k} in the state dict (keys: {sorted(state_dict)[:8]} …)."
             )
         heads[f"lin{k}"] = np.asarray(w, np.float32).reshape(c)
+    return heads
+
+
+def heads_from_piq_list(tensors, what="piq's lpips_weights.pt"):
+    """The five heads from piq's `lpips_weights.pt` (PIQ_HEADS_URL): a list of five tensors that
+    piq/perceptual.py (ContentLoss.forward) multiplies into the [B, C, H, W] squared feature
+    differences, so each holds C values on the channel axis ([1, C, 1, 1], as lpips' heads)."""
+    if len(tensors) != len(CHANNELS):
+        raise LPIPSWeightsError(
+            f"{what} holds {len(tensors)} tensors; piq's LPIPS heads are {len(CHANNELS)}, one per "
+            f"VGG16 layer relu1_2 … relu5_3."
+        )
+    heads = {}
+    for k, (w, c) in enumerate(zip(tensors, CHANNELS)):
+        w = _as_numpy(w) if hasattr(w, "detach") else np.asarray(w, np.float32)
+        # [B, C, H, W] · w weighs channels only if C sits third from the end, alone.
+        if w.ndim < 3 or w.shape[-3] != c or w.size != c:
+            raise LPIPSWeightsError(
+                f"{what}: head {k} has shape {w.shape}; piq's head {k} is [1, {c}, 1, 1]."
+            )
+        heads[f"lin{k}"] = w.reshape(c)
     return heads
 
 
@@ -381,10 +489,22 @@ def _heads_from_wheel(cache_dir):
         return z.extract(LPIPS_WHEEL_HEADS, tmpdir), tmpdir
 
 
-def load_heads(lin_path=None, cache_dir=None):
-    """The five LPIPS v0.1 VGG heads as {"lin0": [64], …}.
+def _heads_from_torch_file(path):
+    """Heads from lpips' vgg.pth (a state dict) or piq's lpips_weights.pt (a list)."""
+    expected = "LPIPS heads (lpips' weights/v0.1/vgg.pth or piq's lpips_weights.pt)"
+    obj = _torch_load_object(path, expected)
+    if isinstance(obj, dict):
+        return heads_from_state_dict(_state_dict_arrays(obj))
+    if isinstance(obj, (list, tuple)):
+        return heads_from_piq_list(obj, what=path)
+    raise LPIPSWeightsError(f"{path} holds a {type(obj).__name__}, not {expected}.")
 
-    lin_path: lpips' `weights/v0.1/vgg.pth` or an npz with lin0 … lin4. Without it: the cached
+
+def load_heads(lin_path=None, cache_dir=None):
+    """The five LPIPS VGG heads as {"lin0": [64], …}: lpips v0.1's unless lin_path says otherwise.
+
+    lin_path: lpips' `weights/v0.1/vgg.pth`, piq's `lpips_weights.pt` (PIQ_HEADS_URL) or an npz
+    with lin0 … lin4. Without it: the cached
     npz in cache_dir (default ~/.cache/cm_jax/lpips, or $CM_JAX_CACHE), made on first use from
     the lpips wheel (installed, or downloaded with pip; reading it needs torch once).
     """
@@ -392,9 +512,7 @@ def load_heads(lin_path=None, cache_dir=None):
         if not os.path.exists(lin_path):
             raise LPIPSWeightsError(f"LPIPS heads file {lin_path} does not exist.")
         heads = (
-            load_npz(lin_path)
-            if lin_path.endswith(".npz")
-            else heads_from_state_dict(_torch_load(lin_path))
+            load_npz(lin_path) if lin_path.endswith(".npz") else _heads_from_torch_file(lin_path)
         )
         heads = {f"lin{k}": np.asarray(heads[f"lin{k}"], np.float32) for k in range(5)}
     else:
@@ -461,7 +579,7 @@ def main(argv=None):
         prog="python -m cm_jax.lpips", description="LPIPS(VGG16) weights for cm_jax."
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    conv = sub.add_parser("convert", help="torchvision vgg16 state dict (+ lpips heads) → npz")
+    conv = sub.add_parser("convert", help="torchvision vgg16 state dict (+ LPIPS heads) → npz")
     conv.add_argument(
         "--vgg",
         required=True,
@@ -469,7 +587,10 @@ def main(argv=None):
     )
     conv.add_argument("--out", required=True, help="the npz to write")
     conv.add_argument(
-        "--lin", default=None, help="lpips' weights/v0.1/vgg.pth (default: from the lpips wheel)"
+        "--lin",
+        default=None,
+        help="lpips' weights/v0.1/vgg.pth or piq's lpips_weights.pt (default: lpips v0.1's, "
+        "from the lpips wheel)",
     )
     conv.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
@@ -479,9 +600,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
+    fingerprint = heads_fingerprint(params)
+    # Says whether a given heads file (piq's, say) holds the lpips v0.1 values.
+    same = fingerprint == LPIPS_HEADS_VALUES_SHA256
+    which = "the lpips v0.1 VGG heads" if same else "heads that differ from lpips v0.1's"
     print(
-        f"wrote {args.out}: {n:,} values (VGG16 trunk to relu5_3 and the 5 LPIPS v0.1 heads; "
-        f"heads sha256 {heads_fingerprint(params)[:12]}…)"
+        f"wrote {args.out}: {n:,} values (VGG16 trunk to relu5_3 and 5 LPIPS heads: {which}; "
+        f"heads sha256 {fingerprint[:12]}…)"
     )
     return 0
 

@@ -1,4 +1,4 @@
-"""LPIPS(VGG16) v0.1: the math by hand, and parity with the `lpips` PyTorch package.
+"""LPIPS(VGG16): the math by hand, and parity with the `lpips` and `piq` PyTorch packages.
 
 Parity set-up. The ImageNet VGG16 cannot be had offline, so both sides get the same random
 trunk and the real v0.1 heads of lpips==0.1.4 (its `weights/v0.1/vgg.pth`, through our loader).
@@ -11,6 +11,17 @@ from torch.nn layers (cfg "D": 3×3 convs with padding 1, in-place ReLUs, 2×2 m
 same module indices 0 … 30). Everything else — lpips.LPIPS, its slicing of the trunk at
 relu1_2 … relu5_3, ScalingLayer, normalize_tensor, the heads and the spatial average — is the
 package's own code. Needs `torch` (CPU) and `lpips` (--no-deps); skipped without them.
+
+The "piq" variant is checked the same way against `piq.LPIPS(replace_pooling=True,
+reduction="none")` of piq==0.7.0 (`pip install --no-deps piq==0.7.0`), built and called as the
+official PyTorch CM code does (cm/karras_diffusion.py). piq's package __init__ imports every
+metric, some of which need torchvision's compiled ops, so the test imports only
+`piq/perceptual.py` (which needs `piq.utils` and `piq.functional`, plain torch) under an empty
+`piq` package, with the same stand-in torchvision (piq asks for `vgg16(pretrained=True)` and
+gets the random trunk). piq downloads its heads at run time (torch.hub, PIQ_HEADS_URL); the
+stand-in download returns the lpips v0.1 heads as the five [1, C, 1, 1] tensors piq expects.
+Everything else — replace_pooling, the ImageNet normalisation, the taps, normalize, the MSE,
+the weighting and the averaging — is piq's own code.
 """
 
 import contextlib
@@ -36,7 +47,7 @@ CIFAR10_TEST = [
 # Every 32×32 call below has this batch, so that one compiled network serves them all
 # (compiling VGG16 on a CPU takes seconds).
 B = 8
-distance = jax.jit(L.lpips_distance, static_argnames=("resize_to", "precision"))
+distance = jax.jit(L.lpips_distance, static_argnames=("resize_to", "precision", "variant"))
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +74,51 @@ def test_scaling_layer_is_imagenet_normalisation_of_01_images():
     np.testing.assert_allclose(L.SCALE, 2 * std, atol=1e-12)
     x = jax.random.uniform(jax.random.key(3), (2, 4, 4, 3), minval=-1, maxval=1)
     np.testing.assert_allclose(L.scale_input(x), ((x + 1) / 2 - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_piq_input_normalisation_by_hand():
+    # Channel 0 (mean .485, std .229) at x = −1, 0, 1, i.e. x01 = 0, .5, 1:
+    # −.485/.229 = −2.1179039…, .015/.229 = .0655021…, .515/.229 = 2.2489083…
+    # Channel 2 (mean .406, std .225) at x = 0: .094/.225 = .4177777…
+    x = jnp.zeros((1, 1, 3, 3)).at[0, 0, :, 0].set(jnp.array([-1.0, 0.0, 1.0]))
+    out = L.piq_scale_input(x)
+    # (float32 loses about 1e-6 relative in .5 − .485.)
+    np.testing.assert_allclose(out[0, 0, :, 0], [-2.1179039, 0.0655022, 2.2489083], rtol=1e-5)
+    np.testing.assert_allclose(out[0, 0, 1, 2], 0.4177778, rtol=1e-5)
+    # The lpips ScalingLayer is the same map (shift = 2·mean − 1, scale = 2·std).
+    x = jax.random.uniform(jax.random.key(4), (2, 4, 4, 3), minval=-1, maxval=1)
+    np.testing.assert_allclose(L.piq_scale_input(x), L.scale_input(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pools_by_hand():
+    # 4×4 image 0 … 15 row by row; its 2×2 blocks are {0,1,4,5}, {2,3,6,7}, {8,9,12,13},
+    # {10,11,14,15}: means 2.5, 4.5, 10.5, 12.5 (piq's AvgPool2d), maxima 5, 7, 13, 15.
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(L.pool2x2(x, "avg")[0, ..., 0], [[2.5, 4.5], [10.5, 12.5]])
+    np.testing.assert_array_equal(L.pool2x2(x, "max")[0, ..., 0], [[5, 7], [13, 15]])
+    # 5×5: the last row and column are dropped (PyTorch's floor), so the same 2×2 blocks.
+    x5 = jnp.arange(25.0).reshape(1, 5, 5, 1)  # blocks {0,1,5,6} … → 3, 5, 13, 15
+    np.testing.assert_array_equal(L.pool2x2(x5, "avg")[0, ..., 0], [[3, 5], [13, 15]])
+    with pytest.raises(ValueError, match="pooling"):
+        L.pool2x2(x, "min")
+
+
+def test_variant_selects_pooling_and_rejects_unknown(rand_params):
+    x, y = _images(B)
+    jaxpr = lambda v: str(  # noqa: E731
+        jax.make_jaxpr(lambda p, a, b: L.lpips_distance(p, a, b, resize_to=None, variant=v))(
+            rand_params, x, y
+        )
+    )
+    # 4 pools in each of the two passes: max pools for lpips, sum (average) pools for piq.
+    lp, pq = jaxpr("lpips"), jaxpr("piq")
+    assert lp.count("reduce_window_max") == 8 and "reduce_window_sum" not in lp
+    assert pq.count("reduce_window_sum") == 8 and "reduce_window_max" not in pq
+    assert jaxpr("lpips") == str(
+        jax.make_jaxpr(lambda p, a, b: L.lpips_distance(p, a, b, resize_to=None))(rand_params, x, y)
+    )
+    with pytest.raises(ValueError, match="Unknown LPIPS variant 'PIQ'"):
+        L.lpips_distance(rand_params, x, y, variant="PIQ")
 
 
 def test_normalize_channels_units_and_eps_and_finite_gradient():
@@ -215,41 +271,45 @@ def _torch_vgg16_features(torch):
 
 
 @contextlib.contextmanager
-def _lpips_with_standin_torchvision(torch, features):
+def _modules_replaced(packages, stand_ins):
+    """Within the block, sys.modules has none of `packages` (nor their submodules) but the
+    `stand_ins` (named inside `packages`); afterwards it is as before."""
+    ours = lambda k: any(k == p or k.startswith(p + ".") for p in packages)  # noqa: E731
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
+    for k in saved:
+        del sys.modules[k]
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for k in [k for k in sys.modules if ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def _standin_torchvision(vgg16):
+    """A `torchvision` whose models.vgg16 is the given function; vgg19, which piq/perceptual.py
+    imports beside it but LPIPS never calls, refuses."""
+
+    def vgg19(*args, **kwargs):
+        raise AssertionError("only vgg16 has a stand-in")
+
     tv = types.ModuleType("torchvision")
     tv.models = types.ModuleType("torchvision.models")
+    tv.models.vgg16, tv.models.vgg19 = vgg16, vgg19
+    return {"torchvision": tv, "torchvision.models": tv.models}
 
+
+@contextlib.contextmanager
+def _lpips_with_standin_torchvision(torch, features):
     def vgg16(pretrained=False, **kwargs):
         assert not pretrained, "the ImageNet trunk is not available offline"
         return types.SimpleNamespace(features=features)
 
-    tv.models.vgg16 = vgg16
-    saved = {
-        k: v
-        for k, v in sys.modules.items()
-        if k == "lpips"
-        or k.startswith("lpips.")
-        or k == "torchvision"
-        or k.startswith("torchvision.")
-    }
-    for k in saved:
-        del sys.modules[k]
-    sys.modules["torchvision"], sys.modules["torchvision.models"] = tv, tv.models
-    try:
+    with _modules_replaced(("lpips", "torchvision"), _standin_torchvision(vgg16)):
         import lpips
 
         yield lpips
-    finally:
-        for k in [
-            k
-            for k in sys.modules
-            if k == "lpips"
-            or k.startswith("lpips.")
-            or k == "torchvision"
-            or k.startswith("torchvision.")
-        ]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 def _cifar_pairs(n):
@@ -362,3 +422,132 @@ def test_convert_cli(torch_lpips, ported, tmp_path):
     for k in range(5):
         np.testing.assert_array_equal(heads[f"lin{k}"], ported[f"lin{k}"])
         np.testing.assert_array_equal(L.load_heads(cache_dir=cache)[f"lin{k}"], heads[f"lin{k}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with piq (the official PyTorch CM code's LPIPS)
+
+
+@contextlib.contextmanager
+def _piq_perceptual_with_standins(torch, features, heads):
+    """piq/perceptual.py imported alone, with the stand-in torchvision and download; yields the
+    module and the URLs piq asked torch.hub for."""
+    spec = importlib.util.find_spec("piq")
+    package = types.ModuleType("piq")  # Not piq/__init__.py, which imports every metric.
+    package.__path__ = list(spec.submodule_search_locations)
+    requested = []
+
+    def vgg16(pretrained=False, **kwargs):  # piq asks for the ImageNet trunk; it gets ours.
+        return types.SimpleNamespace(features=features)
+
+    def load_state_dict_from_url(url, **kwargs):
+        requested.append(url)
+        return [torch.from_numpy(h.reshape(1, -1, 1, 1)) for h in heads]
+
+    stand_ins = {"piq": package, **_standin_torchvision(vgg16)}
+    with (
+        _modules_replaced(("piq", "torchvision"), stand_ins),
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        mp.setattr(torch.hub, "load_state_dict_from_url", load_state_dict_from_url)
+        yield importlib.import_module("piq.perceptual"), requested
+
+
+@pytest.fixture(scope="module")
+def torch_piq(torch_lpips, ported):
+    torch = torch_lpips[0]
+    if importlib.util.find_spec("piq") is None:
+        pytest.skip("piq parity needs the piq package: pip install --no-deps piq==0.7.0")
+    # A trunk of its own: replace_pooling swaps the pools of the Sequential it is given.
+    features = _torch_vgg16_features(torch)
+    heads = [ported[f"lin{k}"] for k in range(5)]
+    with _piq_perceptual_with_standins(torch, features, heads) as (perceptual, requested):
+        # As cm/karras_diffusion.py, KarrasDenoiser.__init__ builds it.
+        model = perceptual.LPIPS(replace_pooling=True, reduction="none")
+        yield torch, perceptual, model, requested
+
+
+@pytest.fixture(scope="module")
+def piq_ported(torch_piq, ported):
+    _, _, model, _ = torch_piq
+    sd = {k: v.numpy() for k, v in model.model.state_dict().items()}  # "N.weight" keys
+    params = {
+        "vgg": L.vgg_params_from_state_dict(sd),
+        **{f"lin{k}": ported[f"lin{k}"] for k in range(5)},
+    }
+    return L._check(params, "piq_ported")
+
+
+def test_constants_match_piq(torch_piq, piq_ported):
+    torch, perceptual, model, requested = torch_piq
+    assert requested == [L.PIQ_HEADS_URL] == [perceptual.LPIPS._weights_url]
+    assert tuple(perceptual.IMAGENET_MEAN) == L.IMAGENET_MEAN
+    assert tuple(perceptual.IMAGENET_STD) == L.IMAGENET_STD
+    assert perceptual.EPS == L.NORM_EPS
+    assert model.layers == [perceptual.VGG16_LAYERS[n] for n in L.FEATURE_NAMES]
+    assert model.layers == ["3", "8", "15", "22", "29"]
+    assert model.normalize_features and isinstance(model.distance, torch.nn.MSELoss)
+    # Every pool of the trunk is now AvgPool2d(2, 2, padding 0); the convs are untouched.
+    pools = {int(k): m for k, m in model.model._modules.items() if "Pool" in type(m).__name__}
+    assert sorted(pools) == [4, 9, 16, 23, 30]
+    for m in pools.values():
+        assert type(m) is torch.nn.AvgPool2d
+        assert (m.kernel_size, m.stride, m.padding, m.ceil_mode) == (2, 2, 0, False)
+    for k, w in enumerate(model.weights):
+        np.testing.assert_array_equal(w.numpy().ravel(), piq_ported[f"lin{k}"])
+
+
+def _cm_piq_lpips(torch, model, a, b, resize):
+    """piq's LPIPS as cm/karras_diffusion.py (KarrasDenoiser's losses) calls it on images in
+    [−1, 1]: resized to 224 when narrower than 256 (if resize), then mapped to [0, 1]."""
+    a, b = (torch.from_numpy(v).permute(0, 3, 1, 2) for v in (a, b))
+    if resize and a.shape[-1] < 256:
+        a = torch.nn.functional.interpolate(a, size=224, mode="bilinear")
+        b = torch.nn.functional.interpolate(b, size=224, mode="bilinear")
+    with torch.no_grad():
+        return model((a + 1) / 2.0, (b + 1) / 2.0).numpy().reshape(-1)
+
+
+def test_piq_parity_native_32(torch_piq, piq_ported):
+    # As test_parity_native_32: distinct CIFAR-10 test images, then images against themselves
+    # plus noise of std 0.1.
+    torch, _, model, _ = torch_piq
+    x, y = _cifar_pairs(B)
+    noisy = np.clip(x + 0.1 * np.random.default_rng(0).standard_normal(x.shape), -1, 1)
+    for a, b in ((x, y), (x, noisy.astype(np.float32))):
+        ref = _cm_piq_lpips(torch, model, a, b, resize=False)
+        ours = distance(piq_ported, a, b, resize_to=None, variant="piq")
+        assert _rel_err(ours, ref) < 1e-5, (ours, ref)
+
+
+def test_piq_parity_resized_224(torch_piq, piq_ported):
+    # The PyTorch CM set-up for CIFAR-10: 32 < 256, so both upsampled to 224 before piq.
+    torch, _, model, _ = torch_piq
+    x, y = _cifar_pairs(2)
+    ref = _cm_piq_lpips(torch, model, x, y, resize=True)
+    ours = distance(piq_ported, x, y, resize_to=224, variant="piq")
+    assert _rel_err(ours, ref) < 1e-5, (ours, ref)
+
+
+def test_piq_heads_file(torch_piq, piq_ported, tmp_path, capsys):
+    # piq's lpips_weights.pt format (a list of five [1, C, 1, 1] tensors) loads as heads, with
+    # the trunk from the same VGG16 file; convert says whether they are lpips v0.1's.
+    torch = torch_piq[0]
+    heads = [torch.from_numpy(piq_ported[f"lin{k}"].reshape(1, -1, 1, 1)) for k in range(5)]
+    piq_pt, vgg_npz = str(tmp_path / "lpips_weights.pt"), str(tmp_path / "vgg.npz")
+    torch.save(heads, piq_pt)
+    L.save_npz({"vgg": piq_ported["vgg"]}, vgg_npz)
+    loaded = L.load_lpips_params(vgg_npz, lin_path=piq_pt)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, piq_ported)
+    out = str(tmp_path / "out.npz")
+    assert L.main(["convert", "--vgg", vgg_npz, "--out", out, "--lin", piq_pt]) == 0
+    assert "the lpips v0.1 VGG heads" in capsys.readouterr().out
+    torch.save([2 * h for h in heads], piq_pt)
+    assert L.main(["convert", "--vgg", vgg_npz, "--out", out, "--lin", piq_pt]) == 0
+    assert "differ from lpips v0.1" in capsys.readouterr().out
+    torch.save(heads[:4], piq_pt)
+    with pytest.raises(L.LPIPSWeightsError, match="holds 4 tensors"):
+        L.load_heads(piq_pt)
+    torch.save([h.reshape(-1) for h in heads], piq_pt)
+    with pytest.raises(L.LPIPSWeightsError, match=r"head 0 has shape \(64,\); .* \[1, 64, 1, 1\]"):
+        L.load_heads(piq_pt)
