@@ -22,6 +22,9 @@ setup(
         "scipy",
         "pillow",
         "tqdm",
+        # Streaming reads of converted datasets (cm_jax.convert_data, data_arrayrecord.py).
+        "grain>=0.2.18",
+        "array-record>=0.8.6",
     ],
     extras_require={
         # Reading tfds datasets and writing TensorBoard events; training from local npz

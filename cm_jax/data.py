@@ -1,23 +1,29 @@
-"""Input pipeline: image datasets held in host memory, served in a step-indexed order.
+"""Input pipeline: image datasets read from local files or tfds, served in a step-indexed order.
 
-Training data for the image generators (CIFAR-10 now, ImageNet-64 later). Every batch comes
+Training data for the image generators (CIFAR-10, ImageNet-64, LSUN-256). Every batch comes
 out as float32 images in [-1, 1] (NHWC) and int32 labels.
 
 The module reads top to bottom:
 
 1. Pixel conversion: `normalize` / `to_uint8`, shared with sampling and FID code.
-2. `ImageDataset` and `load_split`: a whole split read into memory from local npz shards or
-   a folder of image files (`config.data.dir`) or, when that is empty, from tfds. Every
-   layout problem raises one error that names it, before training starts.
+2. The datasets and `load_split`. A dataset is anything with `num_examples`, `image_shape`
+   and `gather(indices) -> (uint8 images, int32 labels)` (`Dataset`). Small splits are read
+   whole into memory (`ImageDataset`) from npz shards or a folder of image files
+   (`config.data.dir`) or, when that is empty, from tfds. A split converted to ArrayRecord
+   shards by `python -m cm_jax.convert_data` (ImageNet-64 is 15.7 GB as uint8, LSUN bedroom
+   at 256² 596 GB: too large to hold in every process) is streamed instead: each process
+   reads and decodes only the rows it feeds (`cm_jax/data_arrayrecord.py`). Every layout
+   problem raises one error that names the file, before training starts.
 3. The order: `batch_indices`, `flip_mask` and `host_batch` are pure functions of
    (seed, step, batch size, dataset size). The batch for step `s` never depends on how many
-   batches were drawn before, so a run resumed at step `s` after pre-emption sees exactly
-   the data an uninterrupted run would have seen.
+   batches were drawn before, or on how the data is stored, so a run resumed at step `s`
+   after pre-emption sees exactly the data an uninterrupted run would have seen.
 4. `TrainIterator`: builds those batches in a background thread, one process's rows at a
    time, and assembles them into global `jax.Array`s with the caller's sharding.
 
-TensorFlow and tensorflow_datasets are imported only on the tfds path: training from npz
-shards needs neither (the GPU machines do not have them).
+TensorFlow and tensorflow_datasets are imported only on the tfds path, and grain and
+array_record only on the ArrayRecord path: training from npz shards needs none of them (the
+GPU machines do not have TensorFlow).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import glob
 import os
 import queue
 import threading
+import zipfile
+import zlib
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +74,27 @@ def to_uint8(images_float):
 
 
 # ----------------------------------------------------------------------------------------
-# The dataset in memory
+# The datasets
 # ----------------------------------------------------------------------------------------
 
 
-def _check_arrays(images: np.ndarray, labels: np.ndarray, source: str) -> None:
+class Dataset(Protocol):
+    """What `host_batch`, `TrainIterator` and the statistics code read from a dataset:
+    `ImageDataset` (in memory) and `data_arrayrecord.ArrayRecordDataset` (streamed)."""
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images uint8 [n, H, W, C], labels int32 [n]) of examples `indices`, as fresh
+        arrays the caller may modify."""
+        ...
+
+
+def check_arrays(images: np.ndarray, labels: np.ndarray, source: str) -> None:
     """Raise one ValueError naming the first problem with an (images, labels) pair."""
     if images.dtype != np.uint8:
         raise ValueError(f"{source}: images must be uint8 (0..255), got dtype {images.dtype}")
@@ -88,17 +113,46 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, source: str) -> None:
         )
 
 
-def _check_image_shape(image_shape: tuple, image_size: int, num_channels: int, source: str):
-    """Raise if images are not [image_size, image_size, num_channels] as the config says."""
+def check_image_shape(image_shape: tuple, image_size: int, num_channels: int, source: str):
+    """Raise if images are not [image_size, image_size, num_channels] as the config says,
+    naming the flag that would make the config match the data."""
     height, width, channels = image_shape
     if (height, width) != (image_size, image_size):
+        remedy = (
+            f"set --config.data.image_size={height} (or use the matching data)"
+            if height == width
+            else "the models need square images: convert the data with "
+            f"python -m cm_jax.convert_data --image_size={image_size}"
+        )
         raise ValueError(
-            f"{source}: image size is {height}x{width}, but config.data.image_size is {image_size}"
+            f"{source}: image size is {height}x{width}, but config.data.image_size is "
+            f"{image_size}: {remedy}"
         )
     if channels != num_channels:
         raise ValueError(
             f"{source}: images have {channels} channels, but config.data.num_channels is "
-            f"{num_channels}"
+            f"{num_channels}: set --config.data.num_channels={channels} (or use the matching "
+            "data)"
+        )
+
+
+def check_num_classes(num_classes_in_data: int, num_classes: int | None, source: str):
+    """Raise if a class-conditional model (`config.model.num_classes` > 0) would be trained
+    on unlabelled data, or on labels beyond its classes; unconditional models ignore labels.
+    (Fewer classes in the data is allowed: a subset, or npz data, whose class count is its
+    largest label + 1.)"""
+    if not num_classes:
+        return
+    if num_classes_in_data == 0:
+        raise ValueError(
+            f"{source}: the data has no class labels, but config.model.num_classes is "
+            f"{num_classes}: set --config.model.num_classes=0 (or use labelled data)"
+        )
+    if num_classes_in_data > num_classes:
+        raise ValueError(
+            f"{source}: the data has {num_classes_in_data} classes, but "
+            f"config.model.num_classes is {num_classes}: set "
+            f"--config.model.num_classes={num_classes_in_data} (or use the matching data)"
         )
 
 
@@ -115,7 +169,7 @@ class ImageDataset:
 
     def __post_init__(self):
         images, labels = np.asarray(self.images), np.asarray(self.labels)
-        _check_arrays(images, labels, "ImageDataset")
+        check_arrays(images, labels, "ImageDataset")
         images, labels = images.view(), labels.astype(np.int32)  # read-only views/copies,
         images.flags.writeable = False  # leaving the caller's own arrays writable
         labels.flags.writeable = False
@@ -131,19 +185,31 @@ class ImageDataset:
         """(H, W, C) of one image."""
         return tuple(self.images.shape[1:])
 
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Examples `indices` as new arrays (fancy indexing copies)."""
+        return self.images[indices], self.labels[indices]
 
-def load_split(data_config) -> ImageDataset:
-    """Read the split `data_config.split` fully into memory and check it against the config.
 
-    `data_config` is `config.data`. With `dir` set, the split comes from npz shards in that
-    folder (see `_split_files`) or, where it has none, from image files (`_image_folder`);
-    with `dir` empty, from `tfds.load(dataset)`. The tfds path
-    materialises the whole split through TensorFlow, which suits CIFAR-sized data; larger
-    datasets (ImageNet-64) should be converted once to npz shards and read from `dir`.
-    Nothing on disk is written.
+def load_split(data_config, num_classes: int | None = None) -> Dataset:
+    """The split `data_config.split`, checked against the config.
+
+    `data_config` is `config.data`. With `dir` set, the split comes from, in this order:
+    ArrayRecord shards with their metadata (`{split}.metadata.json`, written by
+    `python -m cm_jax.convert_data`), streamed rather than loaded; npz shards in that folder
+    (see `npz_split_files`); or, where it has none, image files (`image_folder`). With `dir`
+    empty, from `tfds.load(dataset)`, materialised whole through TensorFlow, which suits
+    CIFAR-sized data; convert larger datasets once with `cm_jax.convert_data`.
+
+    `num_classes` is `config.model.num_classes`: when positive, the data must have that many
+    classes (checked for converted data, whose metadata records its classes, and as
+    "labels < num_classes" for the rest). Nothing on disk is written.
     """
     image_size, num_channels = int(data_config.image_size), int(data_config.num_channels)
-    folder = _image_folder(data_config.dir, data_config.split) if data_config.dir else None
+    if data_config.dir and _has_arrayrecord_split(data_config.dir, data_config.split):
+        from cm_jax import data_arrayrecord  # Only this path needs grain and array_record.
+
+        return data_arrayrecord.open_split(data_config, num_classes)
+    folder = image_folder(data_config.dir, data_config.split) if data_config.dir else None
     if folder:
         images, labels = _load_image_folder(folder, image_size, num_channels)
         source = f"image folder {folder}"
@@ -157,12 +223,39 @@ def load_split(data_config) -> ImageDataset:
             data_config.dataset, data_config.split, getattr(data_config, "tfds_data_dir", "")
         )
         source = f"tfds {data_config.dataset!r} split {data_config.split!r}"
-        _check_arrays(images, labels, source)
-    _check_image_shape(images.shape[1:], image_size, num_channels, source)
+        check_arrays(images, labels, source)
+    check_image_shape(images.shape[1:], image_size, num_channels, source)
+    if num_classes and len(labels) and int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"{source}: labels go up to {int(labels.max())}, but config.model.num_classes is "
+            f"{num_classes}: set --config.model.num_classes={int(labels.max()) + 1} (or use "
+            "the matching data)"
+        )
     return ImageDataset(images=images, labels=labels)
 
 
-def _split_files(folder: str, split: str) -> list[str]:
+# File names of a split converted by `cm_jax.convert_data`: shards
+# `{split}-00000-of-00128.array_record` (read in the order the metadata lists them) and
+# `{split}.metadata.json`, which says what they hold.
+ARRAYRECORD_SUFFIX = ".array_record"
+
+
+def arrayrecord_metadata_path(folder: str, split: str) -> str:
+    return os.path.join(folder, f"{split}.metadata.json")
+
+
+def arrayrecord_shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}{ARRAYRECORD_SUFFIX}"
+
+
+def _has_arrayrecord_split(folder: str, split: str) -> bool:
+    """Whether `folder` holds `split` as ArrayRecord: its metadata file, or shards without
+    one (an unfinished conversion, which `data_arrayrecord.open_split` reports)."""
+    pattern = os.path.join(glob.escape(folder), f"{split}-*{ARRAYRECORD_SUFFIX}")
+    return os.path.isfile(arrayrecord_metadata_path(folder, split)) or bool(glob.glob(pattern))
+
+
+def npz_split_files(folder: str, split: str) -> list[str]:
     """The npz files holding `split`, in the order their examples are concatenated.
 
     A split is either sharded (`{split}-*.npz`, e.g. `train-00000-of-00005.npz`, read in
@@ -192,7 +285,7 @@ def _split_files(folder: str, split: str) -> list[str]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _image_files(folder: str) -> list[str]:
+def image_files(folder: str) -> list[str]:
     """Image files under `folder` (recursively), sorted by path."""
     found = []
     for root, _, names in os.walk(folder):
@@ -200,27 +293,21 @@ def _image_files(folder: str) -> list[str]:
     return sorted(found)
 
 
-def _image_folder(folder: str, split: str) -> str | None:
+def image_folder(folder: str, split: str) -> str | None:
     """The image folder holding `split`: `folder/split` if it has images, else `folder` itself
     when it has images and no npz shards; None for an npz layout (or nothing usable)."""
     if not os.path.isdir(folder) or glob.glob(os.path.join(glob.escape(folder), "*.npz")):
         return None
     for candidate in (os.path.join(folder, split), folder):
-        if os.path.isdir(candidate) and _image_files(candidate):
+        if os.path.isdir(candidate) and image_files(candidate):
             return candidate
     return None
 
 
-def _load_image_folder(
-    folder: str, image_size: int, num_channels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """All image files under `folder` as uint8 NHWC, in path order. Images directly in the
-    folder get label 0; with class subfolders (`folder/<class>/…`, as ImageNet), the label
-    is the class's index in the sorted subfolder names. Images are not resized: one of
-    another size is an error naming the file."""
-    from PIL import Image  # Only the image-folder path needs Pillow.
-
-    files = _image_files(folder)
+def image_folder_labels(folder: str, files: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(labels int32, class names) of image `files` under `folder`. Images directly in the
+    folder get label 0 and there are no classes; with class subfolders (`folder/<class>/…`,
+    as ImageNet), the label is the class's index in the sorted subfolder names."""
     relative = [os.path.relpath(path, folder) for path in files]
     classes = sorted({r.split(os.sep)[0] for r in relative if os.sep in r})
     loose = [r for r in relative if os.sep not in r]
@@ -229,6 +316,21 @@ def _load_image_folder(
             f"image folder {folder!r} mixes images at its top ({loose[0]}) with "
             f"class subfolders ({classes[0]}/…); use one layout"
         )
+    index = {name: k for k, name in enumerate(classes)}
+    labels = np.array([index[r.split(os.sep)[0]] if classes else 0 for r in relative], np.int32)
+    return labels, classes
+
+
+def _load_image_folder(
+    folder: str, image_size: int, num_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """All image files under `folder` as uint8 NHWC, in path order, labelled by
+    `image_folder_labels`. Images are not resized: one of another size is an error naming
+    the file."""
+    from PIL import Image  # Only the image-folder path needs Pillow.
+
+    files = image_files(folder)
+    labels, _ = image_folder_labels(folder, files)
     mode = {1: "L", 3: "RGB"}.get(num_channels)
     if mode is None:
         raise ValueError(
@@ -241,12 +343,12 @@ def _load_image_folder(
             if image.size != (image_size, image_size):
                 raise ValueError(
                     f"{path}: image size is {image.size[1]}x{image.size[0]}, but "
-                    f"config.data.image_size is {image_size} (images are not "
-                    f"resized)"
+                    f"config.data.image_size is {image_size}: set "
+                    f"--config.data.image_size={image.size[1]} if all images have that size, "
+                    f"or convert the folder with python -m cm_jax.convert_data "
+                    f"--image_size={image_size} (images are not resized on loading)"
                 )
             images[i] = np.asarray(image.convert(mode)).reshape(images.shape[1:])
-    index = {name: k for k, name in enumerate(classes)}
-    labels = np.array([index[r.split(os.sep)[0]] if classes else 0 for r in relative], np.int32)
     return images, labels
 
 
@@ -259,29 +361,51 @@ def _load_npz_split(
     copied into it, so peak memory is the dataset plus one shard rather than twice the
     dataset (this matters for ImageNet-64, about 16 GB as uint8).
     """
-    files = _split_files(folder, split)
-    labels = [_read_npz_member(path, "labels") for path in files]
+    files = npz_split_files(folder, split)
+    labels = [read_npz_member(path, "labels") for path in files]
     total = sum(np.size(shard_labels) for shard_labels in labels)  # checked per shard below
     images = np.empty((total, image_size, image_size, num_channels), np.uint8)
     start = 0
     for path, shard_labels in zip(files, labels):
-        shard_images = _read_npz_member(path, "images")
-        _check_arrays(shard_images, shard_labels, path)
-        _check_image_shape(shard_images.shape[1:], image_size, num_channels, path)
+        shard_images = read_npz_member(path, "images")
+        check_arrays(shard_images, shard_labels, path)
+        check_image_shape(shard_images.shape[1:], image_size, num_channels, path)
         images[start : start + len(shard_images)] = shard_images
         start += len(shard_images)
     return images, np.concatenate(labels)
 
 
-def _read_npz_member(path: str, key: str) -> np.ndarray:
-    """One array from an npz file, with an error naming the file if the key is missing."""
+# What np.load raises on a damaged archive: a truncated file has no zip directory
+# (BadZipFile); a damaged member fails its CRC (BadZipFile) or inflation (zlib.error), or is
+# short (EOFError, ValueError); a file that is no zip archive at all makes numpy fall back to
+# unpickling, refused with a ValueError that suggests allow_pickle=True, which must never be
+# followed for a file of unknown origin.
+_DAMAGED_NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
+
+
+def read_npz_member(path: str, key: str) -> np.ndarray:
+    """One array from an npz file, with an error naming the file if the key is missing or
+    the file is damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise KeyError(key)
+            return npz[key]
+    except KeyError:
+        raise ValueError(
+            f"{path}: npz file lacks the array {key!r} (it has {_npz_keys(path)}); "
+            "each shard needs 'images' and 'labels'"
+        ) from None
+    except _DAMAGED_NPZ_ERRORS as error:
+        raise ValueError(
+            f"{path}: the npz file is damaged (truncated, corrupted, or not an npz archive of "
+            f"numeric arrays: {type(error).__name__}); write or download it again"
+        ) from None
+
+
+def _npz_keys(path: str) -> list[str]:
     with np.load(path, allow_pickle=False) as npz:
-        if key not in npz.files:
-            raise ValueError(
-                f"{path}: npz file lacks the array {key!r} (it has {sorted(npz.files)}); "
-                "each shard needs 'images' and 'labels'"
-            )
-        return npz[key]
+        return sorted(npz.files)
 
 
 _TFDS_READ_CHUNK = 10_000
@@ -294,16 +418,7 @@ def _load_tfds_split(name: str, split: str, data_dir: str) -> tuple[np.ndarray, 
     tensor of unknown size up front (`batch_size=-1` asks the dataset info for the split
     size; with no such info, as under `tfds.testing.mock_data`, TensorFlow aborts).
     """
-    try:
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
-    except ImportError as error:
-        raise ImportError(
-            "config.data.dir is empty, so the data would come from tfds, but tensorflow / "
-            "tensorflow_datasets is not installed; set config.data.dir to a folder of npz "
-            "shards instead"
-        ) from error
-    _hide_accelerators_from_tensorflow(tf)
+    tf, tfds = import_tfds()
     ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
     images, labels = [], []
     for chunk in tfds.as_numpy(ds.batch(_TFDS_READ_CHUNK)):
@@ -312,6 +427,21 @@ def _load_tfds_split(name: str, split: str, data_dir: str) -> tuple[np.ndarray, 
     if not images:
         raise ValueError(f"tfds {name!r} split {split!r} is empty")
     return np.concatenate(images), np.concatenate(labels)
+
+
+def import_tfds():
+    """(tensorflow, tensorflow_datasets), with TensorFlow kept off the accelerators."""
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(
+            "reading a tfds dataset needs tensorflow and tensorflow_datasets, which are not "
+            "installed (pip install tensorflow-cpu tensorflow-datasets); or set "
+            "config.data.dir to a folder of npz shards, image files or converted data"
+        ) from error
+    _hide_accelerators_from_tensorflow(tf)
+    return tf, tfds
 
 
 def _hide_accelerators_from_tensorflow(tf) -> None:
@@ -382,7 +512,7 @@ def process_rows(global_batch_size: int, process_index: int, process_count: int)
 
 
 def host_batch(
-    dataset: ImageDataset,
+    dataset: Dataset,
     step: int,
     global_batch_size: int,
     seed: int,
@@ -393,15 +523,16 @@ def host_batch(
     """This process's rows of global batch `step`, as numpy: the iterator's whole host work.
 
     Indices and flips are drawn for the full global batch and then sliced, so the rows of
-    processes 0..P-1 concatenate to exactly the single-process batch.
+    processes 0..P-1 concatenate to exactly the single-process batch; `dataset.gather` is
+    asked for this process's rows only, so a streamed dataset reads and decodes no others.
     """
     rows = process_rows(global_batch_size, process_index, process_count)
     indices = batch_indices(step, global_batch_size, dataset.num_examples, seed)[rows]
-    images = dataset.images[indices]  # fancy indexing copies, so flipping in place is safe
+    images, labels = dataset.gather(indices)  # fresh arrays, so flipping in place is safe
     if random_flip:
         flips = flip_mask(step, global_batch_size, seed)[rows]
         images[flips] = images[flips, :, ::-1]
-    return {"image": normalize(images), "label": dataset.labels[indices].astype(np.int32)}
+    return {"image": normalize(images), "label": labels.astype(np.int32)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -426,8 +557,9 @@ class TrainIterator:
     one for that stacked shape (batch axis 1), and the iterator yields
     (first_step_of_group, stacked_batch), advancing by `steps_per_call`.
 
-    Batches are built (gather, flip, uint8 -> float, transfer) in a background thread that
-    runs at most `prefetch` items ahead. An exception in that thread is raised by the next
+    Batches are built (gather, which for a streamed dataset reads and decodes the rows in
+    its own thread pool; flip; uint8 -> float; transfer) in a background thread that runs at
+    most `prefetch` items ahead. An exception in that thread is raised by the next
     `next()`. Call `close()` or use the iterator as a context manager to stop the thread.
 
     Each process produces only its own rows of every global batch
@@ -438,7 +570,7 @@ class TrainIterator:
 
     def __init__(
         self,
-        dataset: ImageDataset,
+        dataset: Dataset,
         global_batch_size: int,
         sharding,
         start_step: int,

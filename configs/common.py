@@ -113,6 +113,8 @@ def base_config():
         seed=0,
         tfds_data_dir="",
         prefetch=2,  # Batches prepared ahead on the host.
+        num_workers=4,  # ArrayRecord data: decode threads per process.
+        verify_checksums=False,  # ArrayRecord data: sha256 every shard before training.
     )
     c.model = ncsnpp_cifar10()
     c.karras = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5)

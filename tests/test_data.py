@@ -1,6 +1,7 @@
 """Tests for cm_jax.data: loading and validation, the step-indexed order, the iterator."""
 
 import hashlib
+import json
 import os
 import time
 import types
@@ -448,3 +449,228 @@ def test_tfds_path_with_mock_data():
     with tfds.testing.mock_data(num_examples=12):
         with pytest.raises(ValueError, match="config.data.image_size is 64"):
             data.load_split(make_data_config(dataset="cifar10", dir="", image_size=64))
+
+
+# -- error messages name the flag to set; damaged npz files ------------------------------
+
+
+def test_shape_errors_name_the_flag_to_set(tmp_path):
+    _write_bad_split(tmp_path, "wrong_size")
+    with pytest.raises(ValueError, match="set --config.data.image_size=16 \\(or use the match"):
+        data.load_split(make_data_config(dir=str(tmp_path)))
+    os.remove(tmp_path / "train-00000-of-00001.npz")
+    _write_bad_split(tmp_path, "wrong_channels")
+    with pytest.raises(ValueError, match="set --config.data.num_channels=1 \\(or use the match"):
+        data.load_split(make_data_config(dir=str(tmp_path)))
+
+
+def _damage_npz(path, kind):
+    content = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(content[: len(content) // 2])
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(len(content)))
+    elif kind == "corrupted_member":  # np.savez stores members uncompressed: fails the CRC
+        middle = slice(len(content) // 2, len(content) // 2 + 64)
+        flipped = bytes(b ^ 0xFF for b in content[middle])
+        path.write_bytes(content[: middle.start] + flipped + content[middle.stop :])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random_bytes", "corrupted_member"])
+def test_damaged_npz_is_one_clear_error_without_pickle_advice(tmp_path, kind):
+    images, labels = random_arrays(20)
+    shard = tmp_path / "train-00000-of-00001.npz"
+    write_shard(shard, images=images, labels=labels)
+    _damage_npz(shard, kind)
+    with pytest.raises(ValueError, match="the npz file is damaged") as error:
+        data.load_split(make_data_config(dir=str(tmp_path)))
+    assert str(shard) in str(error.value)
+    assert "pickle" not in str(error.value)
+
+
+def test_labels_beyond_the_models_classes_raise(shard_dir):
+    config = make_data_config(dir=str(shard_dir[0]))
+    assert data.load_split(config, num_classes=10).num_examples == 30
+    with pytest.raises(ValueError, match="set --config.model.num_classes=10"):
+        data.load_split(config, num_classes=5)
+
+
+# -- streaming from ArrayRecord shards ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def convert_data():
+    pytest.importorskip("grain")
+    pytest.importorskip("array_record")
+    from cm_jax import convert_data
+
+    return convert_data
+
+
+def convert_npz(convert_data, npz_folder, out, split="train", **settings):
+    settings = convert_data.Settings(split=split, **{"shard_size": 7, **settings})
+    source = convert_data.open_source(str(npz_folder), split)
+    convert_data.convert(source, str(out), settings, num_workers=2, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def both_kinds(convert_data, tmp_path_factory):
+    """The same 40 examples in memory and converted to ArrayRecord (six shards of <= 7)."""
+    folder = tmp_path_factory.mktemp("npz")
+    images, labels = random_arrays(40, seed=3)
+    write_shard(folder / "train.npz", images=images, labels=labels)
+    in_memory = data.load_split(make_data_config(dir=str(folder)))
+    out = convert_npz(convert_data, folder, tmp_path_factory.mktemp("ar"))
+    streamed = data.load_split(make_data_config(dir=out, num_workers=3))
+    return in_memory, streamed, out
+
+
+def test_streamed_split_has_the_same_examples(both_kinds):
+    in_memory, streamed, _ = both_kinds
+    assert type(streamed).__name__ == "ArrayRecordDataset"
+    assert streamed.num_examples == in_memory.num_examples == 40
+    assert streamed.image_shape == in_memory.image_shape == (8, 8, 3)
+    order = np.random.default_rng(0).permutation(40)
+    for dataset in (in_memory, streamed):
+        images, labels = dataset.gather(order)
+        assert images.dtype == np.uint8 and labels.dtype == np.int32 and images.flags.writeable
+    np.testing.assert_array_equal(streamed.gather(order)[0], in_memory.images[order])
+    np.testing.assert_array_equal(streamed.gather(order)[1], in_memory.labels[order])
+    # The ImageDataset-style views, as the --mode=stats evaluator reads them.
+    np.testing.assert_array_equal(streamed.images[5:17], in_memory.images[5:17])
+    np.testing.assert_array_equal(streamed.images[-1], in_memory.images[-1])
+    np.testing.assert_array_equal(streamed.labels[[3, 1, 3]], in_memory.labels[[3, 1, 3]])
+    assert len(streamed.images) == 40
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 4])
+@pytest.mark.parametrize("random_flip", [True, False])
+def test_streamed_batches_equal_in_memory_batches(both_kinds, process_count, random_flip):
+    in_memory, streamed, _ = both_kinds
+    for step in range(7):  # 7 * 16 > 40: crosses epoch boundaries
+        for process_index in range(process_count):
+            args = (step, 16, 5, random_flip, process_index, process_count)
+            expected = data.host_batch(in_memory, *args)
+            got = data.host_batch(streamed, *args)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_streamed_iterator_equals_in_memory_iterator(both_kinds, batch_mesh, steps_per_call):
+    in_memory, streamed, _ = both_kinds
+    spec = P(None, "data") if steps_per_call > 1 else P("data")
+    args = dict(
+        global_batch_size=16,
+        sharding=NamedSharding(batch_mesh, spec),
+        start_step=2,
+        seed=1,
+        random_flip=True,
+        steps_per_call=steps_per_call,
+    )
+    with data.TrainIterator(in_memory, **args) as a, data.TrainIterator(streamed, **args) as b:
+        for (step_a, batch_a), (step_b, batch_b) in zip(take(a, 3), take(b, 3)):
+            assert step_a == step_b
+            assert batch_b["image"].sharding == args["sharding"]
+            for key in batch_a:
+                np.testing.assert_array_equal(np.asarray(batch_b[key]), np.asarray(batch_a[key]))
+
+
+def test_worker_count_does_not_change_the_data(both_kinds):
+    _, streamed, out = both_kinds
+    one = data.load_split(make_data_config(dir=out, num_workers=1))
+    order = np.arange(40)[::-1]
+    for got, expected in zip(one.gather(order), streamed.gather(order)):
+        np.testing.assert_array_equal(got, expected)
+
+
+# -- damaged or mismatched ArrayRecord data -------------------------------------------------
+
+
+@pytest.fixture
+def converted(convert_data, tmp_path):
+    """A fresh converted copy of 20 examples in three shards (7, 7, 6)."""
+    images, labels = random_arrays(20, seed=4)
+    write_shard(tmp_path / "train.npz", images=images, labels=labels)
+    return convert_npz(convert_data, tmp_path, tmp_path / "ar")
+
+
+def _shard(folder, k=1):
+    return os.path.join(folder, f"train-{k:05d}-of-00003.array_record")
+
+
+def _edit_metadata(folder, edit):
+    path = os.path.join(folder, "train.metadata.json")
+    with open(path) as file:
+        metadata = json.load(file)
+    edit(metadata)
+    with open(path, "w") as file:
+        json.dump(metadata, file)
+
+
+def _damage(folder, kind):
+    shard = _shard(folder)
+    content = open(shard, "rb").read()
+    if kind == "missing_shard":
+        os.remove(shard)
+    elif kind == "truncated_shard":
+        open(shard, "wb").write(content[: len(content) // 2])
+    elif kind == "random_shard":
+        open(shard, "wb").write(np.random.default_rng(0).bytes(len(content)))
+    elif kind == "no_metadata":
+        os.remove(os.path.join(folder, "train.metadata.json"))
+    elif kind == "damaged_metadata":
+        open(os.path.join(folder, "train.metadata.json"), "w").write('{"format": ')
+    elif kind == "foreign_metadata":
+        open(os.path.join(folder, "train.metadata.json"), "w").write("[1, 2]")
+    elif kind == "count_in_metadata":
+        _edit_metadata(folder, lambda m: m.update(num_examples=21))
+    elif kind == "shard_count_in_metadata":
+        _edit_metadata(folder, lambda m: m["shards"][1].update(num_records=8))
+
+
+@pytest.mark.parametrize(
+    "kind, error, match",
+    [
+        ("missing_shard", FileNotFoundError, "train-00001-of-00003.array_record: shard listed"),
+        ("truncated_shard", ValueError, "00001-of-00003.array_record: shard is .* truncated"),
+        ("random_shard", ValueError, "00001-of-00003.array_record: damaged ArrayRecord shard"),
+        ("no_metadata", FileNotFoundError, "train.metadata.json is missing.* unfinished"),
+        ("damaged_metadata", ValueError, "train.metadata.json: the metadata file is damaged"),
+        ("foreign_metadata", ValueError, "train.metadata.json: not cm_jax.arrayrecord.v1"),
+        ("count_in_metadata", ValueError, "num_examples is 21, but its shards hold 20"),
+        ("shard_count_in_metadata", ValueError, "00001-of-00003.array_record: shard holds 7"),
+    ],
+)
+def test_bad_arrayrecord_data_raises_one_clear_error(converted, kind, error, match):
+    _damage(converted, kind)
+    with pytest.raises(error, match=match):
+        data.load_split(make_data_config(dir=converted))
+
+
+def test_corrupted_records_are_named_on_load_with_checksums_or_on_read(converted):
+    shard = _shard(converted)
+    content = bytearray(open(shard, "rb").read())
+    content[100:200] = bytes(b ^ 0xFF for b in content[100:200])  # inside the first record
+    open(shard, "wb").write(bytes(content))
+    with pytest.raises(ValueError, match="00001-of-00003.array_record: shard's sha256 differs"):
+        data.load_split(make_data_config(dir=converted, verify_checksums=True))
+    dataset = data.load_split(make_data_config(dir=converted))  # size and count still agree
+    dataset.gather([0, 6, 13])  # the other shards read fine
+    with pytest.raises(ValueError, match="00001-of-00003.array_record: record 0 is damaged"):
+        dataset.gather([7])
+
+
+def test_metadata_that_disagrees_with_the_config_names_the_flag(converted):
+    with pytest.raises(ValueError, match="set --config.data.image_size=8 \\(or use the match"):
+        data.load_split(make_data_config(dir=converted, image_size=16))
+    with pytest.raises(ValueError, match="set --config.data.num_channels=3 \\(or use the match"):
+        data.load_split(make_data_config(dir=converted, num_channels=1))
+    assert data.load_split(make_data_config(dir=converted), num_classes=10).num_examples == 20
+    assert data.load_split(make_data_config(dir=converted), num_classes=1000).num_examples == 20
+    with pytest.raises(ValueError, match="has 10 classes.*set --config.model.num_classes=10"):
+        data.load_split(make_data_config(dir=converted), num_classes=5)
+    _edit_metadata(converted, lambda m: m.update(num_classes=0))
+    with pytest.raises(ValueError, match="has no class labels.*--config.model.num_classes=0"):
+        data.load_split(make_data_config(dir=converted), num_classes=10)
