@@ -58,28 +58,59 @@ def noise_conditioning(sigma):
     return 0.25 * jnp.log(sigma)
 
 
-def edm_scalings(sigma, sigma_data=0.5):
+# The network's noise input c_noise, chosen per network (`NCSNpp.noise_conditioning`, read by
+# precond.py): "log_sigma" is EDM's ¼·ln σ; "trigflow_t" is TrigFlow's t = arctan(σ/σ_d), sCM's
+# identity time transformation c_noise(t) = t (Lu & Song 2025, §4.1: "we propose to use
+# c_noise(t) = t as the default time transformation"), whose derivative in t is 1 where
+# ¼·ln(σ_d·tan t) has sin(t)·∂_t c_noise = 1/(4·cos t), unbounded as t → π/2.
+NOISE_CONDITIONINGS = ("log_sigma", "trigflow_t")
+
+
+def check_noise_conditioning(conditioning):
+    """`conditioning` itself, or a ValueError naming the allowed values."""
+    if conditioning not in NOISE_CONDITIONINGS:
+        raise ValueError(f"noise_conditioning={conditioning!r} is not one of {NOISE_CONDITIONINGS}")
+    return conditioning
+
+
+def noise_input(sigma, conditioning="log_sigma", sigma_data=0.5):
+    """c_noise of the noise level σ: ¼·ln σ ("log_sigma") or arctan(σ/σ_d) ("trigflow_t")."""
+    if check_noise_conditioning(conditioning) == "trigflow_t":
+        return jnp.arctan2(sigma, sigma_data)
+    return noise_conditioning(sigma)
+
+
+def noise_input_from_time(t, conditioning="log_sigma", sigma_data=0.5):
+    """c_noise of TrigFlow's time t (σ = σ_d·tan t): t itself ("trigflow_t"), so a JVP in t
+    passes through it exactly, or ¼·ln(σ_d·tan t) ("log_sigma")."""
+    if check_noise_conditioning(conditioning) == "trigflow_t":
+        return t
+    return noise_conditioning(sigma_data * jnp.tan(t))
+
+
+def edm_scalings(sigma, sigma_data=0.5, conditioning="log_sigma"):
     """EDM preconditioning (Karras et al. 2022, Table 1), used by the diffusion teacher.
 
-    c_skip = σ_d²/(σ²+σ_d²), c_out = σ·σ_d/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²).
+    c_skip = σ_d²/(σ²+σ_d²), c_out = σ·σ_d/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²); c_noise by
+    `conditioning` (`noise_input`).
     """
     s2, d2 = sigma**2, sigma_data**2
     return Scalings(
         c_skip=d2 / (s2 + d2),
         c_out=sigma * sigma_data / jnp.sqrt(s2 + d2),
         c_in=1.0 / jnp.sqrt(s2 + d2),
-        c_noise=noise_conditioning(sigma),
+        c_noise=noise_input(sigma, conditioning, sigma_data),
     )
 
 
-def consistency_scalings(sigma, sigma_data=0.5, sigma_min=0.002):
+def consistency_scalings(sigma, sigma_data=0.5, sigma_min=0.002, conditioning="log_sigma"):
     """The boundary-condition parameterisation of a consistency model (CM paper, Appendix C).
 
     c_skip = σ_d²/((σ−σ_min)²+σ_d²) and c_out = (σ−σ_min)·σ_d/√(σ²+σ_d²), so at σ = σ_min
     c_skip = 1 and c_out = 0: f(x, σ_min) = x exactly (the boundary condition of CM §3; this
     is what makes it hold to float precision). Note the c_out denominator uses σ², not
     (σ−σ_min)², as the official code does.
-    c_in and c_noise are EDM's.
+    c_in and c_noise are EDM's (c_noise by `conditioning`, as in `edm_scalings`).
     """
     d2 = sigma_data**2
     shifted = sigma - sigma_min
@@ -87,5 +118,5 @@ def consistency_scalings(sigma, sigma_data=0.5, sigma_min=0.002):
         c_skip=d2 / (shifted**2 + d2),
         c_out=shifted * sigma_data / jnp.sqrt(sigma**2 + d2),
         c_in=1.0 / jnp.sqrt(sigma**2 + d2),
-        c_noise=noise_conditioning(sigma),
+        c_noise=noise_input(sigma, conditioning, sigma_data),
     )

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cm_jax import karras, precond
 
@@ -26,6 +27,39 @@ def test_edm_scalings_at_sigma_data():
     np.testing.assert_allclose(
         [s.c_skip, s.c_out, s.c_in, s.c_noise], [0.5, 0.3535534, 1.4142136, -0.1732868], rtol=1e-6
     )
+
+
+def test_noise_input_by_hand():
+    # "log_sigma": ¼·ln σ; σ = 0.5 → ln(0.5)/4 = −0.1732868. "trigflow_t": t = arctan(σ/σ_d):
+    # σ = σ_d → π/4, σ = σ_d·√3 → π/3, σ = σ_d/√3 → π/6, σ = 0 → 0.
+    sigma = jnp.array([0.5, 0.5 * 3**0.5, 0.5 / 3**0.5, 0.0])
+    np.testing.assert_allclose(
+        karras.noise_input(sigma, "trigflow_t", 0.5),
+        [np.pi / 4, np.pi / 3, np.pi / 6, 0.0],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(karras.noise_input(sigma[0]), -0.1732868, rtol=1e-6)
+    np.testing.assert_allclose(karras.noise_input(jnp.float32(2.0), "trigflow_t", 2.0), np.pi / 4)
+    # From TrigFlow's t: t itself, or ¼·ln(σ_d·tan t); t = π/4 → ¼·ln 0.5.
+    t = jnp.array([np.pi / 4, 1.1])
+    np.testing.assert_array_equal(karras.noise_input_from_time(t, "trigflow_t"), t)
+    np.testing.assert_allclose(karras.noise_input_from_time(t[0]), -0.1732868, rtol=1e-6)
+    # Round trip: σ = σ_d·tan(t) back to t.
+    np.testing.assert_allclose(karras.noise_input(0.5 * jnp.tan(t), "trigflow_t"), t, rtol=1e-6)
+    with pytest.raises(ValueError, match="noise_conditioning='bogus'"):
+        karras.noise_input(sigma, "bogus")
+
+
+def test_scalings_carry_the_noise_conditioning():
+    # σ = σ_d: c_noise = π/4 under "trigflow_t"; c_skip, c_out, c_in do not depend on it.
+    edm = karras.edm_scalings(jnp.float32(0.5), 0.5, "trigflow_t")
+    np.testing.assert_allclose(edm.c_noise, np.pi / 4, rtol=1e-6)
+    default = karras.edm_scalings(jnp.float32(0.5), 0.5)
+    assert default.c_noise == karras.noise_conditioning(jnp.float32(0.5))
+    for a, b in zip(edm[:3], default[:3]):
+        assert a == b
+    cm = karras.consistency_scalings(jnp.float32(0.5), 0.5, 0.002, "trigflow_t")
+    np.testing.assert_allclose(cm.c_noise, np.pi / 4, rtol=1e-6)
 
 
 def test_consistency_scalings_boundary_and_interior():

@@ -326,6 +326,8 @@ def test_bad_options_raise():
     for kwargs, match in [
         (dict(progressive="bogus"), "progressive='bogus'"),
         (dict(dtype="float64"), "dtype='float64'"),
+        (dict(noise_conditioning="sigma"), "noise_conditioning='sigma'"),
+        (dict(norm="batch"), "norm='batch'"),
     ]:
         with pytest.raises(ValueError, match=match):
             NCSNpp(**TINY, **kwargs).init(jax.random.key(0), x, c_noise, train=False)

@@ -94,6 +94,17 @@ def group_norm(channels: int, dtype: DType = jnp.float32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)
 
 
+PIXEL_NORM_EPS = 1e-8  # ProGAN's pixelnorm_epsilon (tkarras/progressive_growing_of_gans)
+
+
+def pixel_norm(x: Array, eps: float = PIXEL_NORM_EPS) -> Array:
+    """Pixel normalisation (Karras et al. 2018, ProGAN): x / √(mean(x²) + ε) over the last
+    (channel) axis, so a vector leaves with unit RMS. Computed in float32, returned in x's dtype.
+    Its derivative at x = 0 is 1/√ε: keep its inputs away from 0 (AdaptiveDoubleNorm does)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def skip_sum(x: Array, h: Array, skip_rescale: bool) -> Array:
     """Residual sum; with ``skip_rescale`` divided by sqrt(2) to keep unit variance (NCSN++)."""
     return (x + h) * _SQRT_HALF if skip_rescale else x + h
@@ -433,9 +444,67 @@ class AttnBlockpp(nn.Module):
         return skip_sum(x.astype(h.dtype), h, self.skip_rescale)
 
 
+NORMS = ("group", "adaptive_double")
+
+
+class AdaptiveDoubleNorm(nn.Module):
+    """sCM's adaptive double normalisation (Lu & Song 2025, §4.1):
+
+        y = norm(x) ⊙ pnorm(s(t)) + pnorm(b(t)),
+
+    norm the block's GroupNorm, pnorm `pixel_norm` over the channels, and s(t), b(t) AdaGN's
+    scale and shift from the noise embedding. How each piece is read, and from where:
+
+    * [s', b'] = Dense(2C)(act(temb)), split in two (scale first), as ADM's AdaGN
+      (guided-diffusion ResBlock `emb_layers` = SiLU, Linear(2C); `models/adm.py` here).
+    * s(t) = 1 + s': the paper writes AdaGN as y = norm(x) ⊙ s(t) + b(t), Dhariwal & Nichol's
+      y_s·GroupNorm(h) + y_b, whose code computes y_s = 1 + scale; EDM2's block gain is likewise
+      emb_linear(emb) + 1. The paper does not spell the offset out. With it, a zero Dense gives
+      pnorm(1) = 1 and pnorm(0) = 0: the layer is then exactly the plain GroupNorm, and the
+      scale never sits at pnorm's ill-conditioned 0 (gradient 1/√ε there).
+    * norm(x) keeps GroupNorm's learned affine (γ, β), as ADM's and EDM's AdaGN do (their
+      GroupNorm has weight and bias under the adaptive scale and shift). Paper silent.
+    * The Dense starts like NCSN++'s other Dense layers (DDPM init, zero bias), not at zero:
+      ADM's and EDM's AdaGN projections are not zero-initialised either, and a zero b' would
+      sit at pnorm's 1/√ε gradient. Paper silent on initialisation.
+    * pnorm's ε is ProGAN's 1e-8 (the paper cites pixel normalisation, Karras 2017); computed
+      in float32. Paper silent on ε.
+    """
+
+    act: Callable = nn.swish
+    eps: float = PIXEL_NORM_EPS
+    dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array) -> Array:
+        c = x.shape[-1]
+        h = group_norm(c, self.dtype)(x)
+        scale, shift = jnp.split(dense(2 * c, self.dtype)(self.act(temb)), 2, axis=-1)
+        scale = pixel_norm(1.0 + scale.astype(jnp.float32), self.eps)
+        shift = pixel_norm(shift.astype(jnp.float32), self.eps)
+        return h * scale.astype(h.dtype)[:, None, None, :] + shift.astype(h.dtype)[:, None, None, :]
+
+
+def _conditioned_norm(h: Array, temb: Array | None, act: Callable, norm: str, dtype) -> Array:
+    """Where the noise embedding enters a residual block, before its second activation.
+    "group": NCSN++'s bias Dense(act(temb)) added, then GroupNorm (creates Dense_0 and the
+    block's second GroupNorm, in the reference order). "adaptive_double": sCM's
+    AdaptiveDoubleNorm in place of both; its shift replaces the additive bias, as AdaGN's does
+    in ADM (`use_scale_shift_norm`) and in EDM's UNetBlock (`adaptive_scale`)."""
+    if norm == "group":
+        h = _add_temb(h, temb, act, dtype)
+        return group_norm(h.shape[-1], dtype)(h)
+    if norm != "adaptive_double":
+        raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+    if temb is None:
+        raise ValueError("norm='adaptive_double' needs the noise embedding temb")
+    return AdaptiveDoubleNorm(act=act, dtype=dtype)(h, temb)
+
+
 class ResnetBlockDDPMpp(nn.Module):
     """DDPM residual block: GN-act-conv, + Dense(temb) bias, GN-act-dropout-conv(init ~0).
-    The shortcut is a NIN (or 3x3 conv) only when the width changes."""
+    The shortcut is a NIN (or 3x3 conv) only when the width changes. ``norm`` is how the noise
+    embedding enters (`_conditioned_norm`)."""
 
     act: Callable = nn.swish
     out_ch: int | None = None
@@ -444,6 +513,7 @@ class ResnetBlockDDPMpp(nn.Module):
     skip_rescale: bool = False
     init_scale: float = 0.0
     dtype: DType = jnp.float32
+    norm: str = "group"  # "group" | "adaptive_double"
 
     @nn.compact
     def __call__(self, x: Array, temb: Array | None = None, train: bool = True) -> Array:
@@ -451,8 +521,7 @@ class ResnetBlockDDPMpp(nn.Module):
         out_ch = self.out_ch or c
         h = self.act(group_norm(c, self.dtype)(x))
         h = conv3x3(out_ch, dtype=self.dtype)(h)
-        h = _add_temb(h, temb, self.act, self.dtype)
-        h = self.act(group_norm(out_ch, self.dtype)(h))
+        h = self.act(_conditioned_norm(h, temb, self.act, self.norm, self.dtype))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(out_ch, init_scale=self.init_scale, dtype=self.dtype)(h)
         if c != out_ch:
@@ -469,6 +538,8 @@ class ResnetBlockBigGANpp(nn.Module):
 
     Resampling happens inside the block, after the first GN-act, on both the residual branch and
     the shortcut; the shortcut gets a 1x1 conv whenever the width or resolution changes.
+    ``norm`` is how the noise embedding enters (`_conditioned_norm`): only the block's second
+    GroupNorm is time-conditioned, so only it can become sCM's adaptive double normalisation.
     """
 
     act: Callable = nn.swish
@@ -481,6 +552,7 @@ class ResnetBlockBigGANpp(nn.Module):
     skip_rescale: bool = True
     init_scale: float = 0.0
     dtype: DType = jnp.float32
+    norm: str = "group"  # "group" | "adaptive_double"
 
     def _resample(self, x: Array) -> Array:
         if self.up:
@@ -496,8 +568,7 @@ class ResnetBlockBigGANpp(nn.Module):
         h = self.act(group_norm(c, self.dtype)(x))
         h, x = self._resample(h), self._resample(x.astype(h.dtype))
         h = conv3x3(out_ch, dtype=self.dtype)(h)
-        h = _add_temb(h, temb, self.act, self.dtype)
-        h = self.act(group_norm(out_ch, self.dtype)(h))
+        h = self.act(_conditioned_norm(h, temb, self.act, self.norm, self.dtype))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(out_ch, init_scale=self.init_scale, dtype=self.dtype)(h)
         if c != out_ch or self.up or self.down:

@@ -14,6 +14,29 @@ Layout (paper config, 32x32, nf=128, ch_mult=(2, 2, 2), 4 blocks per level, atte
 The code follows the reference (yang-song/score_sde, openai/consistency_models_cifar10) block
 for block and creates modules in the same order, so parameter paths and the parameter count
 (56,395,651 for the paper config, the "56.4M" quoted by locuslab/ect) match it exactly.
+
+Two options take the network toward sCM's CIFAR-10 network (Lu & Song 2025, §4.1 and App. G.1:
+"TrigFlow parameterization, positional time embedding and adaptive double normalization"); their
+defaults leave it exactly as above:
+
+* ``noise_conditioning="trigflow_t"``: the network is fed c_noise = t = arctan(σ/σ_d) instead of
+  EDM's ¼·ln σ. The module only records the choice; precond.py reads it and computes c_noise, so
+  every denoiser, consistency function, TrigFlow velocity, sampler and editor agrees. t goes
+  into the time embedding unscaled: with ``embedding_type="positional"`` (frequencies 1 down to
+  1/10000, DDPM's and EDM's DDPM++'s) that is the paper's choice ("we use positional embeddings,
+  which amounts to s ≈ 0.02 in Fourier embeddings": the mean |frequency| of the 64 positional
+  ones, 0.115, equals 2π·s·E|ω| for ω ~ N(0, 1) at s = 0.023; t·1000 would be s ≈ 23, beyond the
+  scale 16 its Figure 4 shows unstable). NVlabs/FastGen does not implement c_noise = t (its sCM
+  wraps EDM networks fed ¼·ln σ), so it offers nothing to follow here.
+* ``norm="adaptive_double"``: the time-conditioned GroupNorm of every residual block becomes
+  sCM's adaptive double normalisation (layers.AdaptiveDoubleNorm, where each reading of the
+  paper and its source is listed). The attention blocks' and the head's GroupNorms see no time
+  input, so they stay: the paper does not say which norms it replaces, but defines the layer as
+  a change to AdaGN, the norm that takes s(t) and b(t).
+
+The paper's CIFAR-10 network is otherwise EDM's DDPM++ (App. G.1: "based on the Score SDE ...
+architecture (DDPM++)", "the same settings of EDM"): here fir=False, progressive_input="none",
+embedding_type="positional".
 """
 
 from __future__ import annotations
@@ -25,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cm_jax import karras
 from cm_jax.models import checks, layers
 
 Array = jax.Array
@@ -55,13 +79,18 @@ class NCSNpp(nn.Module):
     num_classes: int = 0  # >0: class-conditional
     dtype: str = "float32"  # compute dtype; params stay float32
     attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+    # c_noise the caller feeds (precond.py): "log_sigma" = ¼·ln σ (EDM) | "trigflow_t" = t
+    # = arctan(σ/σ_d) (sCM). The network itself only embeds whatever c_noise it is given.
+    noise_conditioning: str = "log_sigma"
+    norm: str = "group"  # residual blocks' time-conditioned norm: "group" | "adaptive_double"
 
     @nn.compact
     def __call__(
         self, x: Array, c_noise: Array, labels: Array | None = None, *, train: bool
     ) -> Array:
         """x: [B, H, W, C] (already scaled by c_in); c_noise: [B] (the caller passes
-        0.25 * ln(sigma)); labels: [B] int or None. Returns F with x's shape, in float32.
+        0.25 * ln(sigma), or arctan(sigma / sigma_data) with noise_conditioning="trigflow_t");
+        labels: [B] int or None. Returns F with x's shape, in float32.
         Dropout draws from the 'dropout' rng when ``train`` is True."""
         self._check_config()
         x, c_noise = jnp.asarray(x), jnp.asarray(c_noise)
@@ -86,6 +115,8 @@ class NCSNpp(nn.Module):
             "embedding_type": (self.embedding_type, ("fourier", "positional")),
             "dtype": (self.dtype, _DTYPES),
             "attention_impl": (self.attention_impl, (None, "xla", "cudnn")),
+            "noise_conditioning": (self.noise_conditioning, karras.NOISE_CONDITIONINGS),
+            "norm": (self.norm, layers.NORMS),
         }
         for name, (value, allowed) in options.items():
             if value not in allowed:
@@ -107,6 +138,7 @@ class NCSNpp(nn.Module):
             init_scale=self.init_scale,
             skip_rescale=self.skip_rescale,
             dtype=dtype,
+            norm=self.norm,
         )
         if self.resblock_type == "ddpm":
             return functools.partial(layers.ResnetBlockDDPMpp, **common)
