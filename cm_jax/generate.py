@@ -5,9 +5,13 @@
     images, labels = gen.sample(64, sigmas=(80.0, 0.821))  # uint8 [64, H, W, C]
     edited = gen.edit("inpainting", images, sigmas=(80.0, 10.0, 1.0), mask="center")
 
-Samples are sharded over all devices. Sample i always comes from the noise of index i
-(sampling.sample_noise), so the same seed gives the same images whatever the batch size or the
-number of devices.
+Unset options follow the run's own `config.sample`: its sampler (consistency steps, EDM's
+Heun, a PD student's learned steps), `sample.steps` (1, or 2 for the recipe's two-step time
+points), σ's or official `ts`.
+
+Samples are sharded over all devices, of every process of a multi-host run. Sample i always
+comes from the noise of index i (sampling.sample_noise), so the same seed gives the same images
+whatever the batch size, the number of devices or of processes. Files are written by process 0.
 """
 
 import functools
@@ -18,29 +22,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
-from cm_jax import data, editing, karras, methods, metric_logging, runs, sampling
+from cm_jax import (
+    data,
+    distributed,
+    editing,
+    karras,
+    methods,
+    metric_logging,
+    progress,
+    runs,
+    sampling,
+)
 from cm_jax.train_state import batch_sharding, create_mesh, replicated
 
 
 class Generator:
     """A run's evaluation EMA, ready to sample and edit."""
 
-    def __init__(self, workdir, step=None, ema_rate=None, devices=None):
+    def __init__(self, workdir, step=None, ema_rate=None, devices=None, sample_config=None):
+        """The run in `workdir` at checkpoint `step` (None: the newest), its EMA `ema_rate`
+        (None: the first). sample_config: a `sample` section to follow instead of the run's."""
         mesh = create_mesh(devices)
         config, net, state = runs.restore_run(workdir, mesh, step)
-        self._setup(config, net, runs.ema_params(config, state, ema_rate), mesh, int(state.step))
+        params = runs.ema_params(config, state, ema_rate)
+        self._setup(config, net, params, mesh, int(state.step), sample_config)
 
     @classmethod
     def from_params(cls, config, net, params, mesh, step=0):
         """A generator of parameters in hand (e.g. a training run's EMA, for FID in training)."""
         generator = cls.__new__(cls)
-        generator._setup(config, net, params, mesh, step)
+        generator._setup(config, net, params, mesh, step, None)
         return generator
 
-    def _setup(self, config, net, params, mesh, step):
+    def _setup(self, config, net, params, mesh, step, sample_config):
         self.config, self.net, self.params, self.mesh, self.step = config, net, params, mesh, step
+        self.sample_config = config.sample if sample_config is None else sample_config
         self.method = methods.of(config)
         self.grid = karras.grid(config.karras)
         size, channels = self.config.data.image_size, self.config.data.num_channels
@@ -57,15 +76,36 @@ class Generator:
         return int(self.method.learned_steps(self.config, self.step))
 
     # ------------------------------------------------------------------ time points
-    def time_points(self, sigmas=None, ts=None, num_scales=None):
+    def time_points(self, sigmas=None, ts=None, num_scales=None, steps=None):
         """The σ's of consistency sampling: given directly, or as official `ts` indices into a
-        num_scales-point grid; one step from σ_max when neither is given."""
+        num_scales-point grid; else `steps` (default: the run's sample.steps) — 1: one step from
+        σ_max, 2: the recipe's two-step points (sample.two_step_sigmas or two_step_ts)."""
         if ts:
             if not num_scales:
                 raise ValueError("ts indices need num_scales, the size of the grid they index.")
             return sampling.sigmas_from_indices(tuple(ts), num_scales, **self.grid)
-        sigmas = tuple(sigmas) if sigmas else (self.grid["sigma_max"],)
-        return sampling.validate_sigmas(sigmas, self.grid["sigma_max"], self.grid["sigma_min"])
+        if sigmas:
+            return sampling.validate_sigmas(
+                tuple(sigmas), self.grid["sigma_max"], self.grid["sigma_min"]
+            )
+        return self._recipe_time_points(steps)
+
+    def _recipe_time_points(self, steps):
+        """The run's own time points: its explicit sample.sigmas / ts, else sample.steps."""
+        sc = self.sample_config
+        if steps is None and (sc.get("sigmas") or sc.get("ts")):
+            return self.time_points(sc.get("sigmas"), sc.get("ts"), sc.get("num_scales"), 1)
+        steps = int(sc.get("steps", 1) if steps is None else steps)
+        if steps == 1:
+            return sampling.validate_sigmas((self.grid["sigma_max"],), self.grid["sigma_max"])
+        two_sigmas, two_ts = sc.get("two_step_sigmas", ()), sc.get("two_step_ts", ())
+        if steps == 2 and (two_sigmas or two_ts):
+            return self.time_points(two_sigmas, two_ts, sc.get("num_scales"), 1)
+        raise ValueError(
+            f"sample.steps={steps}: this run's config has time points for 1 step"
+            + (" and 2" if two_sigmas or two_ts else "")
+            + "; give others as sample.sigmas=(80.0, …) or sample.ts with sample.num_scales."
+        )
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -77,29 +117,56 @@ class Generator:
         labels=None,
         seed=0,
         batch_size=256,
-        edm_steps=18,
-        edm_solver="heun",
+        edm_steps=None,
+        edm_solver=None,
         first_index=0,
-        pd_steps=0,
+        pd_steps=None,
+        steps=None,
+        clip_denoised=None,
+        progress=False,
     ):
         """(uint8 images [num, H, W, C], labels or None): samples first_index … first_index+num−1.
 
-        Consistency models: CM Algorithm 1 over `time_points(sigmas, ts, num_scales)`.
-        EDM teachers: the EDM sampler with `edm_steps` steps (`edm_solver` heun or euler).
-        PD students: `pd_steps` Euler steps (0: `pd_learned_steps`).
-        labels: class labels for a class-conditional model ([num] ints; None draws them).
+        Consistency models: CM Algorithm 1 over `time_points(sigmas, ts, num_scales, steps)`.
+        EDM teachers: the EDM sampler with `edm_steps` steps (`edm_solver` heun or euler,
+        `clip_denoised` at every step). PD students: `pd_steps` Euler steps (0: the learned ones).
+        Options left None follow `sample_config` (the run's config.sample). labels: class
+        labels for a class-conditional model ([num] ints; None draws them). progress: show a
+        progress bar.
         """
         labels = self._labels(num, labels, seed, first_index)
-        sigmas = () if self.is_diffusion_model else self.time_points(sigmas, ts, num_scales)
-        sampler = sampling.sampler_for(
-            self.method.sampler,
-            sigmas=sigmas,
-            edm_steps=edm_steps,
-            edm_solver=edm_solver,
-            pd_steps=int(pd_steps) or self.pd_learned_steps,
+        sampler = self.sampler(
+            sigmas, ts, num_scales, steps, edm_steps, edm_solver, pd_steps, clip_denoised
         )
-        images = self._batched(self._compiled(sampler), num, batch_size, seed, labels, first_index)
+        images = self._batched(
+            self._compiled(sampler), num, batch_size, seed, labels, first_index, progress
+        )
         return images, labels
+
+    def sampler(
+        self,
+        sigmas=None,
+        ts=None,
+        num_scales=None,
+        steps=None,
+        edm_steps=None,
+        edm_solver=None,
+        pd_steps=None,
+        clip_denoised=None,
+    ):
+        """The sampling.Sampler these options pick; None follows the run's config.sample."""
+        sc = self.sample_config
+        pick = lambda given, name, default: sc.get(name, default) if given is None else given
+        return sampling.sampler_for(
+            self.method.sampler,
+            sigmas=()
+            if self.is_diffusion_model
+            else self.time_points(sigmas, ts, num_scales, steps),
+            edm_steps=pick(edm_steps, "edm_steps", 18),
+            edm_solver=pick(edm_solver, "edm_solver", "heun"),
+            pd_steps=int(pick(pd_steps, "pd_steps", 0)) or self.pd_learned_steps,
+            clip_denoised=pick(clip_denoised, "clip_denoised", None),
+        )
 
     def _labels(self, num, labels, seed, first_index=0):
         num_classes = self.config.model.num_classes
@@ -134,19 +201,34 @@ class Generator:
         split, whole = batch_sharding(self.mesh), replicated(self.mesh)
         return jax.jit(fn, in_shardings=(whole, split, whole, split), out_shardings=split)
 
-    def _batched(self, fn, num, batch_size, seed, labels, first_index=0):
+    def _batched(self, fn, num, batch_size, seed, labels, first_index=0, show_progress=False):
         """Run fn over indices first_index… (num of them) in batches padded to a multiple of the
-        device count."""
+        device count; every process gets all the images."""
         devices = self.mesh.devices.size
         batch_size = max(devices, (batch_size // devices) * devices)
+        split, whole = batch_sharding(self.mesh), replicated(self.mesh)
         out = []
-        for start in range(0, num, batch_size):
-            indices = first_index + np.arange(start, start + batch_size)
-            batch_labels = None
-            if labels is not None:
-                batch_labels = np.resize(labels[start : start + batch_size], batch_size)
-            images = fn(self.params, indices.astype(np.int32), np.int32(seed), batch_labels)
-            out.append(np.asarray(jax.device_get(images))[: num - start])
+        bar = progress.Progress(num, "img", "sampling") if show_progress else None
+        try:
+            for start in range(0, num, batch_size):
+                indices = (first_index + np.arange(start, start + batch_size)).astype(np.int32)
+                batch_labels = None
+                if labels is not None:
+                    batch_labels = distributed.to_global(
+                        np.resize(labels[start : start + batch_size], batch_size), split
+                    )
+                images = fn(
+                    self.params,
+                    distributed.to_global(indices, split),
+                    distributed.to_global(np.int32(seed), whole),
+                    batch_labels,
+                )
+                out.append(distributed.to_host(images)[: num - start])
+                if bar is not None:
+                    bar.update(len(out[-1]))
+        finally:
+            if bar is not None:
+                bar.close()
         return np.concatenate(out)[:num]
 
     # ------------------------------------------------------------------ editing
@@ -173,12 +255,18 @@ class Generator:
             options["mask"] = editing.MASKS[options["mask"]](self.image_shape[0])
         batch = y.shape[1] if task == "interpolation" else y.shape[0]
         rng = sampling.sample_keys(seed, np.arange(batch))
+        whole = replicated(self.mesh)  # Small: every device (of every process) holds it all.
         run = jax.jit(
-            lambda y, rng: editing.TASKS[task](
-                f, y, jnp.asarray(sigmas), rng, sigma_min=kc.sigma_min, **options
-            )
+            lambda y, rng: data.to_uint8(
+                editing.TASKS[task](
+                    f, y, jnp.asarray(sigmas), rng, sigma_min=kc.sigma_min, **options
+                )
+            ),
+            in_shardings=(whole, whole),
+            out_shardings=whole,
         )
-        return np.asarray(jax.device_get(data.to_uint8(run(y, rng))))
+        y, rng = (distributed.to_global(np.asarray(v), whole) for v in (y, rng))
+        return distributed.to_host(run(y, rng))
 
     def _check_images(self, images):
         images = np.asarray(images)
@@ -199,23 +287,18 @@ class Generator:
 
 # ---------------------------------------------------------------------- launch.py modes
 def run_sample(config, workdir):
-    """--mode=sample: config.sample.num_samples images from the run in workdir, written as
-    `samples_NxHxWxC.npz` (arr_0 images uint8, arr_1 labels when class-conditional, the layout
-    of the official samplers and evaluators) and a PNG grid of the first 64."""
+    """--mode=sample: config.sample.num_samples images from the run in workdir, sampled as
+    config.sample says, written as `samples_NxHxWxC.npz` (arr_0 images uint8, arr_1 labels when
+    class-conditional, the layout of the official samplers and evaluators) and a PNG grid of the
+    first 64."""
     sample_c = config.sample
-    gen = Generator(workdir, sample_c.checkpoint_step or None, sample_c.ema_rate or None)
-    images, labels = gen.sample(
-        sample_c.num_samples,
-        sigmas=tuple(sample_c.sigmas),
-        ts=tuple(sample_c.ts),
-        num_scales=sample_c.num_scales,
-        seed=sample_c.seed,
-        batch_size=sample_c.batch_size,
-        edm_steps=sample_c.edm_steps,
-        edm_solver=sample_c.edm_solver,
-        pd_steps=sample_c.pd_steps,
+    gen = Generator(
+        workdir, sample_c.checkpoint_step or None, sample_c.ema_rate or None, None, sample_c
     )
-    out_dir = sample_c.out_dir or os.path.join(workdir, "samples")
+    images, labels = gen.sample(
+        sample_c.num_samples, seed=sample_c.seed, batch_size=sample_c.batch_size, progress=True
+    )
+    out_dir = sample_c.out_dir or epath.Path(workdir) / "samples"
     name = "samples_" + "x".join(str(d) for d in images.shape)
     return _write(
         out_dir, name, images[:64], arr_0=images, **({} if labels is None else {"arr_1": labels})
@@ -227,11 +310,17 @@ def run_edit(config, workdir):
     or `arr_0`, or PNG files: a glob or comma-separated paths). Writes the results as npz and
     a PNG grid whose rows are input | mask or guide | result."""
     edit_c = config.edit
-    gen = Generator(workdir, edit_c.checkpoint_step or None, edit_c.ema_rate or None)
-    options = _edit_options(edit_c, gen)
+    if edit_c.task not in editing.TASKS:
+        raise ValueError(f"edit.task={edit_c.task!r}: use one of {sorted(editing.TASKS)}.")
+    # The inputs are read before the model, so a wrong path fails at once.
     images = None if edit_c.task == "interpolation" else load_images(edit_c.images)
+    mask_pixels = (
+        load_images(edit_c.mask_png)[0] if edit_c.task == "inpainting" and edit_c.mask_png else None
+    )
+    gen = Generator(workdir, edit_c.checkpoint_step or None, edit_c.ema_rate or None)
+    options = _edit_options(edit_c, mask_pixels)
     result = gen.edit(edit_c.task, images, sigmas=tuple(edit_c.sigmas), seed=edit_c.seed, **options)
-    out_dir = edit_c.out_dir or os.path.join(workdir, "edits")
+    out_dir = edit_c.out_dir or epath.Path(workdir) / "edits"
     if edit_c.task == "interpolation":
         grid = result.reshape((-1,) + result.shape[2:])  # One row of frames per pair.
         return _write(out_dir, edit_c.task, grid, columns=result.shape[1], arr_0=result)
@@ -240,10 +329,10 @@ def run_edit(config, workdir):
     return _write(out_dir, edit_c.task, rows, columns=3, arr_0=result)
 
 
-def _edit_options(edit_c, gen):
+def _edit_options(edit_c, mask_pixels=None):
     if edit_c.task == "inpainting":
-        if edit_c.mask_png:
-            return {"mask": editing.mask_from_pixels(load_images(edit_c.mask_png)[0])}
+        if mask_pixels is not None:
+            return {"mask": editing.mask_from_pixels(mask_pixels)}
         return {"mask": edit_c.mask}
     if edit_c.task == "superres":
         return {"factor": edit_c.factor}
@@ -273,26 +362,50 @@ def load_images(source):
     if not source:
         raise ValueError("No images given: set --config.edit.images to an npz or PNG files.")
     if source.endswith(".npz"):
-        with np.load(source) as f:
-            key = "images" if "images" in f else "arr_0"
-            if key not in f:
-                raise ValueError(f"{source} has neither `images` nor `arr_0`.")
-            return f[key]
+        return _npz_images(source)
     paths = sorted(glob.glob(source)) if "*" in source else source.split(",")
     missing = [p for p in paths if not os.path.isfile(p)]
     if not paths or missing:
         raise ValueError(f"Image files not found: {missing or source}")
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"{path} is not a readable image ({e}).") from e
     if len({a.shape for a in arrays}) > 1:
         raise ValueError(f"The images differ in size: {sorted({a.shape for a in arrays})}")
     return np.stack(arrays)
 
 
+def _npz_images(path):
+    """The `images` (or `arr_0`) array of an npz, with one error naming a missing or damaged
+    file (never an invitation to load pickles)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist (config.edit.images).")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            key = "images" if "images" in f.files else "arr_0"
+            if key not in f.files:
+                raise ValueError(f"{path} has neither `images` nor `arr_0` (it has {f.files}).")
+            return f[key]
+    except ValueError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, …: a damaged file.
+        raise ValueError(
+            f"{path} is not a readable npz file ({type(e).__name__}); is it damaged?"
+        ) from e
+
+
 def _write(out_dir, name, grid_images, columns=None, **arrays):
-    os.makedirs(out_dir, exist_ok=True)
-    npz_path = os.path.join(out_dir, name + ".npz")
-    np.savez(npz_path, **arrays)
-    png_path = os.path.join(out_dir, name + ".png")
-    metric_logging.save_image_grid(grid_images, png_path, columns)
-    logging.info("Wrote %s and %s", npz_path, png_path)
-    return npz_path, png_path
+    """The arrays as `name`.npz and a grid as `name`.png in out_dir; by process 0 only."""
+    out_dir = epath.Path(out_dir)
+    npz_path, png_path = out_dir / f"{name}.npz", out_dir / f"{name}.png"
+    if distributed.is_writer():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with npz_path.open("wb") as f:
+            np.savez(f, **arrays)
+        metric_logging.save_image_grid(grid_images, png_path, columns)
+        logging.info("Wrote %s and %s", npz_path, png_path)
+    return str(npz_path), str(png_path)

@@ -35,8 +35,9 @@ import re
 
 import jax
 import numpy as np
+from etils import epath
 
-from cm_jax import checkpoint, models, optim, trainer
+from cm_jax import checkpoint, config_checks, models, optim, trainer, workdir_lock
 from cm_jax.train_state import create_mesh, init_params, init_train_state
 
 QKV_LAYOUTS = ("flash", "legacy")
@@ -213,23 +214,22 @@ def _assemble(config, source, name_of, convert):
 def write_run(config, params, workdir, source):
     """A workdir holding ``params`` as θ and every EMA at step 0, its config.json, and
     ``imported.json`` (the source file, its sha256, the qkv layout). Never overwrites a run."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(ckpt_dir):
-        raise CheckpointImportError(f"{workdir!r} already holds a run; give an empty --workdir")
-    os.makedirs(workdir, exist_ok=True)
-    mesh = create_mesh()
-    net = models.create_model(config.model)
-    tx, _ = optim.make_optimizer(config.optim)
-    state = init_train_state(config, net, tx, mesh, initial_params=params)
-    ckpt = checkpoint.Checkpointer(ckpt_dir)
-    try:
-        ckpt.save(0, state, trainer.data_meta(config))
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    trainer.write_config(config, workdir)
-    with open(os.path.join(workdir, "imported.json"), "w", encoding="utf-8") as f:
-        json.dump(source, f, indent=2)
+    root = epath.Path(workdir)
+    with workdir_lock.acquire(workdir):
+        if (root / "config.json").exists() or (root / "checkpoints").exists():
+            raise CheckpointImportError(f"{workdir!r} already holds a run; give an empty --workdir")
+        mesh = create_mesh()
+        net = models.create_model(config.model)
+        tx, _ = optim.make_optimizer(config.optim)
+        state = init_train_state(config, net, tx, mesh, initial_params=params)
+        ckpt = checkpoint.Checkpointer(root / "checkpoints")
+        try:
+            ckpt.save(0, state, trainer.data_meta(config))
+            ckpt.wait()
+        finally:
+            ckpt.close()
+        config_checks.record_config(workdir, config, {}, 0)
+        (root / "imported.json").write_text(json.dumps(source, indent=2))
 
 
 def import_checkpoint(path, config, workdir, qkv_layout="flash", field="params_ema"):

@@ -539,6 +539,17 @@ def load_heads(lin_path=None, cache_dir=None):
     return heads
 
 
+def check_weights_path(vgg_path):
+    """LPIPSWeightsError, saying how to make the file, unless vgg_path names an existing file
+    (checked before a run writes anything; reading it waits for `load_lpips_params`)."""
+    if not vgg_path:
+        raise LPIPSWeightsError(
+            f"No VGG16 weights given for LPIPS (loss.lpips_vgg_path is empty).\n{VGG_HOWTO}"
+        )
+    if not os.path.isfile(vgg_path):
+        raise LPIPSWeightsError(f"The VGG16 weights file {vgg_path} does not exist.\n{VGG_HOWTO}")
+
+
 def load_lpips_params(vgg_path, lin_path=None, cache_dir=None):
     """The full LPIPS params pytree (numpy arrays) for `lpips_distance`.
 
@@ -547,12 +558,7 @@ def load_lpips_params(vgg_path, lin_path=None, cache_dir=None):
     file come from `load_heads(lin_path, cache_dir)`. A missing or empty vgg_path raises
     LPIPSWeightsError saying how to make the file.
     """
-    if not vgg_path:
-        raise LPIPSWeightsError(
-            f"No VGG16 weights given for LPIPS (loss.lpips_vgg_path is empty).\n{VGG_HOWTO}"
-        )
-    if not os.path.exists(vgg_path):
-        raise LPIPSWeightsError(f"The VGG16 weights file {vgg_path} does not exist.\n{VGG_HOWTO}")
+    check_weights_path(vgg_path)
     if vgg_path.endswith(".npz"):
         params = load_npz(vgg_path)
         if "vgg" not in params:

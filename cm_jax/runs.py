@@ -5,6 +5,7 @@ the state of one of its checkpoints. Teachers, samplers and evaluators start her
 import json
 import os
 
+from etils import epath
 from ml_collections import config_dict
 
 from cm_jax import checkpoint, models, optim
@@ -31,26 +32,49 @@ def split_checkpoint_path(path, step=None):
 
 def read_run_config(workdir):
     """The config.json a run wrote into its workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.is_file():
         raise RunError(f"{workdir!r} has no config.json: give the --workdir of a training run.")
-    with open(path, encoding="utf-8") as f:
-        return config_dict.ConfigDict(json.load(f))
+    try:
+        return config_dict.ConfigDict(json.loads(path.read_text()))
+    except ValueError as e:
+        raise RunError(f"{path} is not a run's config ({e}).") from e
+
+
+def _checkpoints(workdir):
+    """A read-only view of the run's checkpoints: a reader never moves, saves nor deletes."""
+    return checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", read_only=True)
+
+
+def check_checkpoint(workdir, step=None):
+    """RunError unless the run has checkpoint `step` (None or 0: any)."""
+    folder = epath.Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        raise RunError(f"{workdir!r} has no checkpoint yet.")
+    ckpt = _checkpoints(workdir)
+    try:
+        available = ckpt.all_steps()
+    finally:
+        ckpt.close()
+    if not available:
+        raise RunError(f"{workdir!r} has no checkpoint yet.")
+    if step and step not in available:
+        raise RunError(f"{workdir!r} has no checkpoint at step {step}; it has {available}.")
 
 
 def restore_run(workdir, mesh, step=None):
-    """(config, network, state) of the run's checkpoint `step` (None or 0: the newest),
-    replicated over `mesh`."""
+    """(config, network, state) of the run's checkpoint `step` (None or 0: the newest good
+    one), replicated over `mesh`."""
     config = read_run_config(workdir)
+    check_checkpoint(workdir, step)
     net = models.create_model(config.model)
     tx, _ = optim.make_optimizer(config.optim)
     template = abstract_train_state(config, net, tx, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = _checkpoints(workdir)
     try:
-        available = ckpt.all_steps()
-        if step and step not in available:
-            raise RunError(f"{workdir!r} has no checkpoint at step {step}; it has {available}.")
         restored = ckpt.restore(template, step or None)
+    except checkpoint.CheckpointError as e:
+        raise RunError(f"{workdir!r}: {e}") from e
     finally:
         ckpt.close()
     if restored is None:

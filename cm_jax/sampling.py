@@ -323,14 +323,21 @@ def edm_network_sample(
     S_tmax=float("inf"),
     S_noise=1.0,
     noise_rng=None,
+    clip_denoised=False,
 ):
     """EDM's sampler with the network as D_θ: `solver` "heun" takes 2·num_steps − 1 evaluations
     (35 for 18), "euler" num_steps.
 
     Deterministic (EDM Algorithm 1) by default; S_churn > 0 adds EDM Algorithm 2's noise and
-    needs noise_rng, one key per sample. Clipped to [−1, 1].
+    needs noise_rng, one key per sample. The result is clipped to [−1, 1]; with clip_denoised
+    so is every D_θ(x; σ) the solver sees (openai/consistency_models' `karras_sample` with
+    clip_denoised=True, the default of its ImageNet-64 and LSUN samplers).
     """
-    denoise = lambda x, s: precond.edm_denoiser(net, params, x, s, labels, sigma_data=sigma_data)
+
+    def denoise(x, s):
+        denoised = precond.edm_denoiser(net, params, x, s, labels, sigma_data=sigma_data)
+        return jnp.clip(denoised, -1.0, 1.0) if clip_denoised else denoised
+
     sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
     x = edm_sample(
         denoise,
@@ -401,6 +408,7 @@ class Sampler:
     sigmas: tuple = ()
     num_steps: int = 0
     solver: str = "heun"
+    clip_denoised: bool = True
 
     def __call__(
         self, net, params, z, labels, keys, *, sigma_min, sigma_max, rho, sigma_data, learned=0
@@ -418,27 +426,41 @@ class Sampler:
                 noise_rng=keys,
                 sigma_min=sigma_min,
                 sigma_data=sigma_data,
+                clip=self.clip_denoised,
             )
         grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigma_data=sigma_data)
         if self.kind == "edm":
             return edm_network_sample(
-                net, params, z, labels, solver=self.solver, num_steps=self.num_steps, **grid
+                net,
+                params,
+                z,
+                labels,
+                solver=self.solver,
+                num_steps=self.num_steps,
+                clip_denoised=self.clip_denoised,
+                **grid,
             )
         return pd_sample(net, params, z, labels, num_steps=self.num_steps or learned, **grid)
 
 
-def sampler_for(kind, sigmas=(), edm_steps=18, edm_solver="heun", pd_steps=0):
+def sampler_for(kind, sigmas=(), edm_steps=18, edm_solver="heun", pd_steps=0, clip_denoised=None):
     """The Sampler of a method's declared `kind` with the given options: the consistency time
-    points (already validated), the EDM steps and solver, or the PD student's steps (0: the
-    steps it has learned, given when sampling)."""
+    points (already validated), the EDM steps, solver and per-step clipping, or the PD
+    student's steps (0: the steps it has learned, given when sampling). clip_denoised=None is
+    each kind's own default: consistency sampling clips every step (CM Algorithm 1 as both
+    official codes run it), EDM's sampler only its result."""
     if kind not in SAMPLER_KINDS:
         raise ValueError(f"Unknown sampler kind {kind!r}: use one of {SAMPLER_KINDS}.")
+    if clip_denoised is None:
+        clip_denoised = kind == "consistency"
     if kind == "consistency":
-        return Sampler(kind, sigmas=tuple(float(s) for s in sigmas))
+        return Sampler(kind, sigmas=tuple(float(s) for s in sigmas), clip_denoised=clip_denoised)
     if kind == "edm":
         if edm_solver not in ode.SOLVERS:
             raise ValueError(
                 f"Unknown EDM solver {edm_solver!r}: use one of {sorted(ode.SOLVERS)}."
             )
-        return Sampler(kind, num_steps=int(edm_steps), solver=edm_solver)
+        return Sampler(
+            kind, num_steps=int(edm_steps), solver=edm_solver, clip_denoised=bool(clip_denoised)
+        )
     return Sampler(kind, num_steps=int(pd_steps))

@@ -195,6 +195,9 @@ def check_ect_schedule(ect_config, num_steps):
 
 # --------------------------------------------------------------------------- any schedule
 KINDS = ("ct", "ict", "fixed", "pd")
+MU_FORMULAS = ("paper", "official")
+INDEX_SAMPLINGS = ("uniform", "lognormal")
+WEIGHTINGS = ("uniform", "ict", "snr", "snrp1", "truncated_snr")
 
 
 def max_num_scales(schedule_config):

@@ -15,29 +15,32 @@ the global batch. The same code runs on 1 CPU, 8 fake CPU devices, a GPU, or a T
 gradient is accumulated over slices of the batch, for batches whose activations do not fit.
 """
 
-import os
 import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-import tqdm
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cm_jax import (
     checkpoint,
+    config_checks,
     data,
+    distributed,
     karras,
     lpips,
     methods,
     metric_logging,
     models,
     optim,
+    progress,
     sampling,
     teacher,
+    workdir_lock,
 )
 from cm_jax.models import uncertainty
 from cm_jax.train_state import (
@@ -61,6 +64,7 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
     loss_fn = method.loss_fn(net, config, teacher_net)
     ema_rates = tuple(config.train.ema_rates)
     microbatches = config.train.microbatches
+    skip_nonfinite = config.train.get("nonfinite", "stop") == "skip"
 
     def one_step(state, batch, frozen):
         state = method.begin_step(state, tx, config)
@@ -96,11 +100,17 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
             ema_params=ema_params,
             opt_state=opt_state,
         )
+        finite = _all_finite(metrics["loss"], grads)
+        if skip_nonfinite:  # The update is dropped; the step still counts (the data moves on).
+            kept = state.replace(step=state.step + 1)
+            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
+        metrics[NONFINITE_STEPS] = jnp.where(finite, 0, 1).astype(jnp.int32)
+        metrics[FIRST_NONFINITE_STEP] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)
         return new_state, metrics
 
     def multi_step(state, batches, frozen):
         state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, frozen), state, batches)
-        return state, jax.tree.map(jnp.mean, metrics)
+        return state, _reduce_steps(metrics)
 
     spc = config.train.steps_per_call
     return jax.jit(
@@ -109,6 +119,25 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )
+
+
+# The step's finiteness report (train.nonfinite): how many of its updates were not finite, and
+# the first step that was not (NO_STEP: none). Device values, read at log and save boundaries.
+NONFINITE_STEPS, FIRST_NONFINITE_STEP = "nonfinite_steps", "first_nonfinite_step"
+NO_STEP = jnp.iinfo(jnp.int32).max
+
+
+def _all_finite(loss, grads):
+    """Whether the loss and every gradient are finite: one fused reduction on the devices."""
+    leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    return jnp.isfinite(loss) & jnp.all(jnp.stack(leaves))
+
+
+def _reduce_steps(metrics):
+    """The metrics of steps_per_call scanned steps: means, but the finiteness report counts and
+    keeps the first step."""
+    reducers = {NONFINITE_STEPS: jnp.sum, FIRST_NONFINITE_STEP: jnp.min}
+    return {k: reducers.get(k, jnp.mean)(v) for k, v in metrics.items()}
 
 
 def accumulate_gradient(gradient, batch, rng, microbatches, mesh):
@@ -162,6 +191,7 @@ def make_sample_fn(config, net):
         sigmas=(kc.sigma_max,),
         edm_steps=sample_c.edm_steps,
         edm_solver=sample_c.edm_solver,
+        clip_denoised=sample_c.get("clip_denoised"),
     )
 
     def sample(params, step):
@@ -173,23 +203,78 @@ def make_sample_fn(config, net):
 
 
 # --------------------------------------------------------------------------- the loop
-class _PreemptionFlag:
-    """Set by SIGTERM (what schedulers send before killing a job) so the loop can save first."""
+class _StopRequest:
+    """Whether to save and stop before num_steps: SIGTERM, what schedulers send before they kill
+    a job. One process: a Python handler sets a flag. Several: JAX's pre-emption service notices
+    SIGTERM on any of them (its own handler, so none is installed here) and every process reaches
+    the sync point at the same call of the train step, so all save the same step and exit."""
 
-    def __init__(self):
-        self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, first_call):
+        self.call, self.raised = first_call, False
+        self._previous = None
+        if not distributed.is_multiprocess():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.raised = True
 
+    def __call__(self):
+        """Asked once per call of the train step, with consecutive ids on every process."""
+        self.call += 1
+        if distributed.is_multiprocess():
+            return distributed.reached_preemption_sync_point(self.call)
+        return self.raised
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradients stopped being finite (train.nonfinite=stop)."""
+
+
+class _NonfiniteGuard:
+    """Keeps the calls' finiteness reports (device scalars: no host sync per step); `check`
+    reads them at log and save boundaries: with train.nonfinite=stop a non-finite step is an
+    error before anything is saved, with skip the count of skipped steps is logged."""
+
+    def __init__(self, mode):
+        self.mode, self.count, self.reports = mode, 0, []
+
+    def add(self, metrics):
+        """Takes the report out of a call's metrics."""
+        self.reports.append((metrics.pop(NONFINITE_STEPS), metrics.pop(FIRST_NONFINITE_STEP)))
+
+    def check(self, ckpt):
+        """{"skipped_steps": total} (skip), or NonFiniteError naming the step and the newest
+        good checkpoint (stop); every saved checkpoint is good, as none is saved after this
+        fails."""
+        reports, self.reports = jax.device_get(self.reports), []
+        new = sum(int(count) for count, _ in reports)
+        first = min((int(step) for _, step in reports), default=NO_STEP)
+        self.count += new
+        if self.mode == "skip" or new == 0:
+            return {"skipped_steps": self.count} if self.mode == "skip" else {}
+        latest = ckpt.latest_step()
+        newest = (
+            f"the newest checkpoint, {ckpt.directory / str(latest)} (step {latest}), is good"
+            if latest is not None
+            else "no checkpoint was saved yet"
+        )
+        raise NonFiniteError(
+            f"The loss or the gradients are not finite at step {first} ({new} such steps "
+            f"since the last check): stopped without saving; {newest}. Resume with a smaller "
+            "optim.lr or optim.grad_clip, or set --config.train.nonfinite=skip to drop such "
+            "updates."
+        )
 
 
 def validate_config(config):
-    """One clear error for settings the loop cannot honour, before anything is compiled."""
+    """One clear error for settings the loop cannot honour, before anything is read or
+    compiled: config_checks' checks of every field, then those of the devices and the method."""
+    config_checks.check_settings(config)
     tc = config.train
     if tc.batch_size % jax.device_count():
         raise ValueError(
@@ -218,11 +303,44 @@ def validate_config(config):
                 f"train.{name}={value} must be a multiple of "
                 f"train.steps_per_call={tc.steps_per_call} and at least {least}."
             )
-    if not tc.ema_rates:
-        raise ValueError("train.ema_rates is empty: give at least one evaluation EMA rate.")
-    if any(not 0.0 <= r < 1.0 for r in tc.ema_rates):
-        raise ValueError(f"train.ema_rates={tuple(tc.ema_rates)} must lie in [0, 1).")
     methods.of(config).check_config(config)
+
+
+def check_inputs(config, workdir):
+    """What the run reads besides its data, checked without loading it: the workdir is a folder
+    (or absent), the teacher run has a config and a checkpoint, the LPIPS weights file exists."""
+    root = epath.Path(workdir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--workdir={workdir} is a file; give a folder (new or a run's).")
+    method = methods.of(config)
+    if method.uses_teacher(config):
+        try:
+            teacher_config = teacher.check_teacher(config.teacher)
+        except teacher.TeacherError as e:
+            raise ValueError(str(e)) from e
+        if method.starts_from_teacher(config):
+            _check_same_function(config, teacher_config)
+    distance = config.loss.distance if methods.of(config).uses_loss_distance else None
+    if distance == "lpips":
+        lpips.check_weights_path(config.loss.lpips_vgg_path)
+
+
+# Model fields that change what a network computes without changing its parameters' shapes
+# (with the value a config without the field means): a student started from a teacher's
+# weights must share them.
+SAME_SHAPE_MODEL_FIELDS = {"noise_conditioning": "log_sigma"}
+
+
+def _check_same_function(config, teacher_config):
+    for field, default in SAME_SHAPE_MODEL_FIELDS.items():
+        student = config.model.get(field, default)
+        teacher_value = teacher_config.model.get(field, default)
+        if student != teacher_value:
+            raise ValueError(
+                f"The student starts from the teacher's weights, but its model.{field}="
+                f"{student!r} differs from the teacher's {teacher_value!r}: set "
+                f"--config.model.{field}={teacher_value} or --config.teacher.init_student=False."
+            )
 
 
 def load_frozen_networks(config, mesh):
@@ -272,64 +390,85 @@ def data_meta(config):
     return {"data_seed": int(config.data.seed), "batch_size": int(config.train.batch_size)}
 
 
-def write_config(config, workdir):
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-
-
 def train_and_evaluate(config, workdir, hooks=()):
     """Train config.method for config.train.num_steps, resuming from workdir if it has a state.
+
+    Everything is checked before anything is written: the settings, the data, the teacher run
+    and weight files, the workdir's lock (one run per workdir) and, when resuming, the config
+    the checkpoints were trained with.
 
     hooks: (every, fn) pairs; fn(step, state) -> {name: scalar} runs every `every` steps and
     its scalars are logged (launch.py adds the FID evaluator this way, so that the trainer does
     not depend on the evaluator).
     """
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    mesh = create_mesh()
-    net = models.create_model(config.model)
-    tx, lr_schedule = optim.make_optimizer(config.optim)
-    teacher_net, frozen = load_frozen_networks(config, mesh)
-    state = init_train_state(
-        config, net, tx, mesh, initial_params=initial_student(config, net, frozen)
-    )
-    logging.info(
-        "%s: %s parameters, %d devices",
-        config.model.name,
-        f"{count_params(state.params):,}",
-        jax.device_count(),
-    )
+    check_inputs(config, workdir)
+    dataset = data.load_split(config.data, num_classes=config.model.num_classes)
+    with workdir_lock.acquire(workdir):
+        saved = config_checks.read_saved_config(workdir)
+        changes = config_checks.check_resume(saved, config) if saved else {}
+        mesh = create_mesh()
+        net = models.create_model(config.model)
+        tx, lr_schedule = optim.make_optimizer(config.optim)
+        teacher_net, frozen = load_frozen_networks(config, mesh)
+        state = init_train_state(
+            config, net, tx, mesh, initial_params=initial_student(config, net, frozen)
+        )
+        logging.info(
+            "%s: %s parameters, %s",
+            config.model.name,
+            f"{count_params(state.params):,}",
+            distributed.describe(),
+        )
+        ckpt = checkpoint.Checkpointer(
+            epath.Path(workdir) / "checkpoints", config.train.keep_checkpoints
+        )
+        try:
+            state = _resume(config, ckpt, state)
+            # Written once the state is known to fit, so a mistaken command cannot overwrite
+            # the config of the run it failed to resume.
+            if distributed.is_writer():
+                config_checks.record_config(workdir, config, changes, int(state.step))
+            step_fn = make_train_step(config, net, tx, lr_schedule, mesh, teacher_net)
+            train_step = lambda state, batch: step_fn(state, batch, frozen)
+            sample_fn = make_sample_fn(config, net) if config.train.sample_every else None
+            writer = metric_logging.create_writer(workdir)
+            writer.write_config(config, step=int(state.step))
+            try:
+                _loop(
+                    config,
+                    workdir,
+                    state,
+                    dataset,
+                    train_step,
+                    sample_fn,
+                    ckpt,
+                    writer,
+                    mesh,
+                    hooks,
+                )
+            finally:
+                writer.close()
+        finally:
+            ckpt.wait()
+            ckpt.close()
 
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints
-    )
+
+def _resume(config, ckpt, state):
+    """The newest good checkpoint's state, or `state` for a new run."""
     restored = ckpt.restore(state)
-    if restored is not None:
-        state, meta = restored
-        if meta != data_meta(config):
-            logging.warning(
-                "Resuming with data settings %s, the checkpoint has %s: the batch "
-                "order will differ from the interrupted run.",
-                data_meta(config),
-                meta,
-            )
-        logging.info("Resumed from step %d.", int(state.step))
-    # Written only once the state is known to fit, so a mistaken command cannot overwrite the
-    # config of the run it failed to resume.
-    if jax.process_index() == 0:
-        write_config(config, workdir)
-
-    dataset = data.load_split(config.data)
-    step_fn = make_train_step(config, net, tx, lr_schedule, mesh, teacher_net)
-    train_step = lambda state, batch: step_fn(state, batch, frozen)
-    sample_fn = make_sample_fn(config, net) if config.train.sample_every else None
-    writer = metric_logging.create_writer(workdir)
-    try:
-        _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh, hooks)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
+    if restored is None:
+        return state
+    state, meta = restored
+    if meta != data_meta(config):
+        logging.warning(
+            "Resuming with data settings %s, the checkpoint has %s: the batch "
+            "order will differ from the interrupted run.",
+            data_meta(config),
+            meta,
+        )
+    logging.info("Resumed from step %d.", int(state.step))
+    return state
 
 
 def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, mesh, hooks):
@@ -338,7 +477,8 @@ def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, 
     if start >= tc.num_steps:
         logging.info("Step %d already reached num_steps=%d: nothing to train.", start, tc.num_steps)
         return
-    preemption = _PreemptionFlag()
+    stop_requested = _StopRequest(first_call=start // tc.steps_per_call)
+    guard = _NonfiniteGuard(tc.get("nonfinite", "stop"))
     iterator = data.TrainIterator(
         dataset,
         tc.batch_size,
@@ -349,51 +489,58 @@ def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, 
         prefetch=config.data.prefetch,
         steps_per_call=tc.steps_per_call,
     )
-    progress = _Progress(start, tc.num_steps, tc.batch_size)
+    bar = progress.Progress(tc.num_steps, "step", "train", initial=start)
+    throughput = _Throughput(start, tc.batch_size)
     try:
         for step, batch in iterator:
             state, metrics = train_step(state, batch)
+            guard.add(metrics)
             step += tc.steps_per_call
-            progress.advance(tc.steps_per_call)
-            if step % tc.log_every == 0 or step == tc.num_steps:
-                _log(writer, step, metrics, progress)
+            if not throughput.compiled:
+                throughput.after_first_call(step, metrics, bar)
+            bar.update(tc.steps_per_call)
+            preempted = step < tc.num_steps and stop_requested()
+            stop = preempted or step >= tc.num_steps
+            save = stop or step % tc.save_every == 0
+            if save or step % tc.log_every == 0:
+                checked = guard.check(ckpt)  # Before any save: a non-finite state is never saved.
+                if step % tc.log_every == 0 or step == tc.num_steps:
+                    _log(writer, step, metrics | checked, throughput, bar)
             if sample_fn is not None and step % tc.sample_every == 0:
-                _save_samples(sample_fn, state, workdir, step, tc.ema_rates[0])
+                method = methods.of(config)
+                _save_samples(sample_fn, state, workdir, step, tc.ema_rates[0], writer, method)
             for every, hook in hooks:
                 if step % every == 0:
                     writer.write_scalars(step, hook(step, state))
                     writer.flush()
-            stop = (
-                step >= tc.num_steps
-                or preemption.raised
-                or (jax.process_count() > 1 and ckpt.reached_preemption(step))
-            )
-            if stop or step % tc.save_every == 0:
+            if save:
                 ckpt.save(step, state, data_meta(config))
+            if preempted:
+                logging.warning("Pre-empted: saved the checkpoint of step %d and stopping.", step)
             if stop:
                 break
     finally:
-        progress.close()
+        bar.close()
         iterator.close()
-        preemption.restore()
+        stop_requested.restore()
 
 
-class _Progress:
-    """A progress bar with ETA (tqdm), and throughput measured between log points."""
+class _Throughput:
+    """Steps and images per second between log points. The first call of the train step
+    compiles it: its time is logged apart and kept out of the rates."""
 
-    def __init__(self, start_step, num_steps, batch_size):
+    def __init__(self, start_step, batch_size):
         self.batch_size = batch_size
         self.last_step, self.last_time = start_step, time.perf_counter()
-        self.bar = tqdm.tqdm(
-            total=num_steps,
-            initial=start_step,
-            unit="step",
-            disable=jax.process_index() > 0,
-            mininterval=5.0,
-        )
+        self.compiled = False
 
-    def advance(self, steps):
-        self.bar.update(steps)
+    def after_first_call(self, step, metrics, bar):
+        """Wait for the first call (compilation and one step), log its time, restart the rates."""
+        jax.block_until_ready(metrics)
+        now = time.perf_counter()
+        logging.info("Compiled the train step and ran it once in %.1f s.", now - self.last_time)
+        self.last_step, self.last_time, self.compiled = step, now, True
+        bar.restart_clock()
 
     def rates(self, step):
         now = time.perf_counter()
@@ -401,21 +548,22 @@ class _Progress:
         self.last_step, self.last_time = step, now
         return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size}
 
-    def close(self):
-        self.bar.close()
 
-
-def _log(writer, step, metrics, progress):
+def _log(writer, step, metrics, throughput, bar):
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}  # Syncs the device.
-    scalars.update(progress.rates(step))
+    if step > throughput.last_step:  # No rate for a log point right after the first call.
+        scalars.update(throughput.rates(step))
     writer.write_scalars(step, scalars)
     writer.flush()
-    progress.bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
+    bar.update(0, loss=f"{scalars['loss']:.4g}")
 
 
-def _save_samples(sample_fn, state, workdir, step, ema_rate):
+def _save_samples(sample_fn, state, workdir, step, ema_rate, writer, method):
     images = jax.device_get(sample_fn(state.ema_params[ema_key(ema_rate)], state.step))
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-        metric_logging.save_image_grid(images, path)
+    if distributed.is_writer():
+        path = epath.Path(workdir) / "samples" / f"step_{step:08d}.png"
+        caption = f"step {step} · EMA {ema_rate} · {method.sampler} sampler"
+        grid = metric_logging.save_image_grid(images, path, caption=caption)
+        writer.write_images(step, {f"samples/ema_{ema_rate}": grid})
+        writer.flush()
         logging.info("Wrote %s (one EMA %s sample grid).", path, ema_rate)

@@ -1,4 +1,6 @@
-"""Consistency training (CT) on CIFAR-10, as in the CM paper (Song et al. 2023).
+"""CIFAR-10 consistency training (CT) from scratch, as in the CM paper.
+
+Consistency training (CT) on CIFAR-10, as in the CM paper (Song et al. 2023).
 
 Values from the official consistency_models_cifar10 `cifar10_ve_ct_adaptive` config and its
 launch.sh: batch 512, RAdam 4e-4 (no warm-up, no clipping), 800k steps, eval EMA 0.9999,
@@ -17,10 +19,14 @@ Variants: `cifar10_ct.py` (paper), `cifar10_ct.py:cpu` (tiny model, l2, minutes 
 
 from configs import common
 
+# What get_config(variant) accepts besides None (the paper recipe); launch.py --help lists them.
+VARIANTS = ("cpu", "test")
+
 
 def get_config(variant=None):
     c = common.base_config()
     c.method = "ct"
+    c.teacher.init_student = False  # cifar10_ve_ct_adaptive.py: finetune=False
     c.loss.distance = "lpips"
     c.schedule.update(kind="ct", s0=2, s1=150, mu0=0.9, mu_formula="official")
     c.optim.update(name="radam", lr=4e-4)

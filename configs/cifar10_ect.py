@@ -1,4 +1,6 @@
-"""Easy consistency training (ECT) on CIFAR-10 (Geng et al., ICLR 2025, "Consistency Models
+"""CIFAR-10 easy consistency training (ECT), started from an EDM run.
+
+Easy consistency training (ECT) on CIFAR-10 (Geng et al., ICLR 2025, "Consistency Models
 Made Easy"), as the official `run_ecm.sh` runs it (locuslab/ect):
 
 - θ starts from a pretrained EDM diffusion model (`--transfer`): --config.teacher.workdir;
@@ -22,6 +24,9 @@ Variants: paper (default); `1hour` (`run_ecm_1hour.sh`: q = 256 in a single stag
 
 from configs import common
 
+# What get_config(variant) accepts besides None (the paper recipe); launch.py --help lists them.
+VARIANTS = ("1hour", "cpu", "test")
+
 
 def get_config(variant=None):
     c = common.base_config()
@@ -38,7 +43,7 @@ def get_config(variant=None):
     )
     c.train.update(batch_size=128, num_steps=200_000, ema_rates=(0.9999,))
     c.teacher.update(init_student=True)
-    c.sample.sigmas = (80.0, 0.821)
+    c.sample.two_step_sigmas = (80.0, 0.821)  # ct_eval.py --mid_t 0.821
     if variant == "1hour":
         c.ect.update(q=256.0, stage_steps=c.train.num_steps)
         c.train.ema_rates = (0.9993,)

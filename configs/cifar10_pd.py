@@ -1,4 +1,6 @@
-"""Progressive distillation (Salimans & Ho 2022) of the CIFAR-10 EDM teacher: the CM paper's
+"""CIFAR-10 progressive distillation (PD), the CM paper's baseline.
+
+Progressive distillation (Salimans & Ho 2022) of the CIFAR-10 EDM teacher: the CM paper's
 baseline, as the official `cifar10_ve_progressive_distillation` config runs it.
 
 The student (NCSN++ as an EDM denoiser, initialised from the teacher's EMA) learns in N Euler
@@ -16,6 +18,9 @@ in 600 steps of 100-step stages), `:test`.
 """
 
 from configs import common
+
+# What get_config(variant) accepts besides None (the paper recipe); launch.py --help lists them.
+VARIANTS = ("cpu", "test")
 
 
 def get_config(variant=None):

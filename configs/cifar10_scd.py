@@ -1,4 +1,6 @@
-"""sCD: continuous-time consistency distillation on CIFAR-10 (Lu & Song, ICLR 2025): the
+"""CIFAR-10 sCD: sCM's continuous-time consistency distillation.
+
+sCD: continuous-time consistency distillation on CIFAR-10 (Lu & Song, ICLR 2025): the
 tangent's velocity is the EDM teacher's, σ_d·F_teacher(x_t/σ_d, t), and the student starts
 from the teacher. The paper's teacher has positional time embeddings (`cifar10_edm.py:scm`);
 the recipe and its sources are in `configs.common.scm_config`.
@@ -11,6 +13,9 @@ Variants: paper (default), `cpu` (distils a `cifar10_edm.py:cpu` teacher, 600 st
 """
 
 from configs import common
+
+# What get_config(variant) accepts besides None (the paper recipe); launch.py --help lists them.
+VARIANTS = ("cpu", "test")
 
 
 def get_config(variant=None):

@@ -24,6 +24,11 @@ def ncsnpp_cifar10():
             progressive_combine="sum",
             embedding_type="fourier",
             fourier_scale=16.0,
+            # sCM (Lu & Song 2025, §4.1): the noise input c_noise is log_sigma (EDM's ¼·ln σ) or
+            # trigflow_t (t = arctan(σ/σ_d)); norm is group or adaptive_double (residual blocks'
+            # y = norm(x)·pnorm(s(t)) + pnorm(b(t))). models/ncsnpp.py: what the paper leaves open.
+            noise_conditioning="log_sigma",
+            norm="group",
             init_scale=0.0,
             num_classes=0,
             dtype="float32",
@@ -123,6 +128,9 @@ def base_config():
         huber_c=-1.0,  # pseudo_huber's c; < 0: iCT's 0.00054·√d
         lpips_vgg_path="",  # LPIPS: torchvision vgg16 state dict (.pth) or converted npz
         lpips_resize=224,  # LPIPS: images smaller than this are resized up to it
+        # LPIPS network: lpips (the lpips package, max pools: the official JAX CIFAR-10 code) |
+        # piq (piq.LPIPS(replace_pooling=True), average pools: the official PyTorch code)
+        lpips_variant="lpips",
         weighting="uniform",  # uniform | ict (1/Δσ) | snr | snrp1 | truncated_snr
         index_sampling="uniform",  # uniform | lognormal (iCT)
         p_mean=-1.1,  # lognormal pair sampling (iCT), ECT's t and sCM's σ
@@ -178,18 +186,27 @@ def base_config():
         ema_rate=0.0,  # which of its EMAs; 0 = its first
         step=0,  # which checkpoint; 0 = the newest
         solver="heun",  # CD: the teacher's ODE step, heun (CM) | euler
-        init_student=True,  # CD, ECT, sCM: start θ from the teacher's weights (official
-        # runs); PD always does
+        # CD, CT, ECT, sCM: start θ from the teacher's weights (the official runs; CIFAR-10 CT
+        # and the small variants train from scratch); PD always does
+        init_student=True,
     )
     # --mode=sample (launch.py): which checkpoint and EMA, and the time points.
     c.sample = dict(
         num_samples=64,
         batch_size=256,
-        sigmas=(),  # Decreasing σ's of CM Algorithm 1, e.g. (80.0, 0.821); () = one step
+        # Consistency models: steps=1 is the recipe's one-step setting (σ_max), 2 its two-step
+        # one (two_step_sigmas, or two_step_ts on num_scales). sigmas or ts, when set, win.
+        steps=1,
+        two_step_sigmas=(),  # e.g. iCT's (80.0, 0.821)
+        two_step_ts=(),  # or official indices into num_scales, e.g. (0, 22, 39) of 40
+        sigmas=(),  # Decreasing σ's of CM Algorithm 1, e.g. (80.0, 0.821)
         ts=(),  # Or the official indices into a num_scales grid, e.g. (0, 22, 39)
         num_scales=0,
         edm_steps=18,  # EDM teacher runs: Heun/Euler steps (also the sample grids)
         edm_solver="heun",
+        # Clip every denoised image to [-1, 1] (consistency models always did; EDM: the official
+        # PyTorch sampler does, the JAX CIFAR-10 one does not).
+        clip_denoised=True,
         pd_steps=0,  # PD runs: Euler steps; 0 = the steps the student learned
         seed=0,
         ema_rate=0.0,  # 0 = the run's first evaluation EMA
@@ -250,6 +267,10 @@ def base_config():
         seed=42,
         fid_every=0,  # > 0: FID of the first EMA every so many steps (needs eval.ref_stats)
         fid_num_samples=10_000,
+        # A step whose loss or gradients are not finite: stop (an error naming the step and the
+        # newest good checkpoint; nothing non-finite is ever saved) | skip (drop that update).
+        nonfinite="stop",
+        allow_config_change=False,  # Resume although the math-relevant config changed.
     )
     return c
 
@@ -316,6 +337,16 @@ def ema_rate_for_half_life(half_life_images, batch_size):
     return 0.5 ** (batch_size / half_life_images)
 
 
+def apply_scm_network(model):
+    """sCM's changes to the CIFAR-10 network (Lu & Song 2025, §4.1 and App. G.1): positional
+    time embeddings, c_noise(t) = t and adaptive double normalisation. The paper's DDPM++ layout
+    (no FIR, no input pyramid) is not copied: NCSN++ stays, as in every CIFAR-10 recipe here."""
+    model.update(
+        embedding_type="positional", noise_conditioning="trigflow_t", norm="adaptive_double"
+    )
+    return model
+
+
 # sCM's two-step sampling point t = 1.1 (Lu & Song 2025), as EDM's σ = σ_d·tan(1.1).
 SCM_TWO_STEP_SIGMAS = (80.0, 0.5 * 1.9647596572486523)
 
@@ -346,7 +377,7 @@ def scm_config(method, variant):
     c.train.update(
         batch_size=512, num_steps=400_000, ema_rates=(ema_rate_for_half_life(500_000, 512),)
     )
-    c.sample.sigmas = SCM_TWO_STEP_SIGMAS
+    c.sample.two_step_sigmas = SCM_TWO_STEP_SIGMAS
     if variant == "cpu":
         apply_cpu_variant(c)  # sCD: the network of a cifar10_edm.py:cpu teacher.
         c.scm.tangent_warmup_steps = 100
@@ -360,6 +391,8 @@ def scm_config(method, variant):
         c.teacher.init_student = False  # From scratch.
     if method == "sct" or not variant:
         c.model.embedding_type = "positional"
+    if not variant:  # The paper's network, as its teacher's (cifar10_edm.py:scm).
+        apply_scm_network(c.model)
     c.model.dropout = 0.2 if method == "sct" else 0.0
     return c
 
@@ -377,6 +410,7 @@ def imagenet64_config(method):
     c.method = method
     c.model = adm_imagenet64()
     c.data.update(dataset="imagenet_resized/64x64", image_size=64, random_flip=True)
+    c.loss.lpips_variant = "piq"  # piq.LPIPS(replace_pooling=True), as cm/karras_diffusion.py
     c.train.update(ema_rates=IMAGENET64_EMA_RATES, num_sample_images=64)
     return c
 
@@ -411,7 +445,7 @@ def apply_adm_teacher_recipe(c, small):
     c.optim.update(name="radam", lr=1e-3 if small == "cpu" else 1e-4, warmup_steps=0, grad_clip=0.0)
     steps = {"cpu": 18, "test": 3}.get(small, 40)
     c.edm.update(p_mean=-1.2, p_std=1.2)
-    c.sample.edm_steps = steps
+    c.sample.update(edm_steps=steps, clip_denoised=True)  # scripts/image_sample.py's default
     return c
 
 
@@ -425,6 +459,7 @@ def lsun256_config(method, category):
     c.method = method
     c.model = adm_lsun256()
     c.data.update(dataset=f"lsun/{category}", image_size=256, random_flip=True)
+    c.loss.lpips_variant = "piq"  # piq.LPIPS(replace_pooling=True), as cm/karras_diffusion.py
     c.train.update(batch_size=256, ema_rates=LSUN256_EMA_RATES, num_sample_images=16)
     return c
 

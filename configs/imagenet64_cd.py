@@ -1,11 +1,14 @@
-"""Consistency distillation (CD) on ImageNet 64, the CM paper's headline one-step FID 6.20
+"""ImageNet-64 consistency distillation (CD), the CM paper's one-step FID 6.20.
+
+Consistency distillation (CD) on ImageNet 64, the CM paper's headline one-step FID 6.20
 (LPIPS), as openai/consistency_models runs it (`cm_train.py --training_mode
 consistency_distillation` in `scripts/launch.sh`): the class-conditional ADM started from
 its EDM teacher (`configs/imagenet64_edm.py`), N = 40 fixed, the target EMA μ = 0.95 fixed
 (CIFAR-10 uses 0), Heun teacher steps, uniform weighting, LPIPS on images resized to 224,
 student dropout 0, batch 2048, RAdam 8e-6 (no warm-up, no clipping), 600k steps, evaluation
-EMAs 0.999, 0.9999 and 0.9999432. Two-step sampling uses the official `ts` 0,22,39 on the
-40-point grid: `--mode=sample --config.sample.ts="(0,22,39)"` (num_scales is set to 40 here).
+EMAs 0.999, 0.9999 and 0.9999432. LPIPS is piq's (average pools), as the official code's.
+Two-step sampling (`--mode=sample --config.sample.steps=2`) uses the official `ts` 0,22,39 on
+the 40-point grid.
 
     python launch.py --config=configs/imagenet64_cd.py --workdir=workdirs/cd64 \\
         --config.data.dir=/data/imagenet64 --config.teacher.workdir=workdirs/edm64 \\
@@ -18,6 +21,9 @@ use l2.
 
 from configs import common
 
+# What get_config(variant) accepts besides None (the paper recipe); launch.py --help lists them.
+VARIANTS = ("l2", "cpu", "test")
+
 
 def get_config(variant=None):
     c = common.imagenet64_config("cd")
@@ -28,7 +34,8 @@ def get_config(variant=None):
     c.optim.update(name="radam", lr=8e-6, warmup_steps=0, grad_clip=0.0)
     c.train.update(batch_size=2048, num_steps=600_000)
     c.teacher.update(solver="heun", init_student=True)
-    c.sample.num_scales = c.search.num_scales = 40
+    c.sample.update(two_step_ts=(0, 22, 39), num_scales=40)  # scripts/launch.sh:74,77
+    c.search.num_scales = 40
     if variant != "l2":
         common.apply_small_adm_variant(c, variant, "imagenet64_cd")
     if variant == "cpu":

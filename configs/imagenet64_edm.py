@@ -1,4 +1,6 @@
-"""The EDM diffusion teacher on ImageNet 64, as openai/consistency_models trains it
+"""ImageNet-64 EDM diffusion teacher (class-conditional ADM, 296M parameters).
+
+The EDM diffusion teacher on ImageNet 64, as openai/consistency_models trains it
 (`edm_train.py` in `scripts/launch.sh`): the class-conditional ADM (`common.adm_imagenet64`)
 with dropout 0.1, batch 4096, RAdam 1e-4 at a constant rate, lognormal σ (P_mean −1.2,
 P_std 1.2) with the EDM weighting, evaluation EMAs 0.999, 0.9999 and 0.9999432. The original
@@ -13,6 +15,9 @@ Variants: paper (default), `:cpu` (a tiny ADM on the local CIFAR-10 and its labe
 """
 
 from configs import common
+
+# What get_config(variant) accepts besides None (the paper recipe); launch.py --help lists them.
+VARIANTS = ("cpu", "test")
 
 
 def get_config(variant=None):

@@ -98,7 +98,13 @@ DAMAGE = {
 
 
 def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    """cm_jax.checkpoint's warnings (orbax adds its own, e.g. about slow saves under load)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+        and r.pathname.endswith(os.path.join("cm_jax", "checkpoint.py"))
+    ]
 
 
 def _restore(directory, template=None, **kwargs):

@@ -97,7 +97,7 @@ def test_paper_and_one_hour_recipes():
         False,
         (0.9999,),
     )
-    assert tuple(c.sample.sigmas) == (80.0, 0.821)
+    assert tuple(c.sample.two_step_sigmas) == (80.0, 0.821)
     schedules.check_ect_schedule(c.ect, c.train.num_steps)  # 8 stages: Δt/t ≥ 2⁻⁸·n(t).
     one_hour = cifar10_ect.get_config("1hour")
     assert one_hour.ect.q == 256.0 and tuple(one_hour.train.ema_rates) == (0.9993,)
@@ -223,7 +223,7 @@ def test_ect_from_a_trained_edm_model_and_its_two_step_samples(
     _, _, state = runs.restore_run(str(tmp_path), train_state.create_mesh())
     assert state.target_params is None  # θ⁻ = sg(θ): the state keeps no copy.
     gen = Generator(str(tmp_path))
-    two_step, _ = gen.sample(3, sigmas=cifar10_ect.get_config().sample.sigmas, batch_size=8)
+    two_step, _ = gen.sample(3, steps=2, batch_size=8)
     one_step, _ = gen.sample(3, batch_size=8)
     assert two_step.shape == one_step.shape == (3, 16, 16, 3)
     assert not np.array_equal(two_step, one_step)

@@ -277,7 +277,7 @@ def test_paper_recipe():
     assert (c.loss.p_mean, c.loss.p_std, c.optim.beta2) == (-1.0, 1.4, 0.99)
     assert (c.optim.lr, c.train.batch_size, c.teacher.init_student) == (1e-4, 512, True)
     assert c.train.ema_rates[0] == pytest.approx(0.99929, abs=1e-5)  # 0.5M-image half-life
-    assert c.sample.sigmas[1] == pytest.approx(0.9823798)  # t = 1.1
+    assert c.sample.two_step_sigmas[1] == pytest.approx(0.9823798)  # t = 1.1
     assert (c.scm.tangent_norm_c, c.scm.tangent_warmup_steps) == (0.1, 10_000)
     d = cifar10_scd.get_config()
     assert (d.method, d.model.dropout, d.teacher.init_student) == ("scd", 0.0, True)
@@ -325,7 +325,7 @@ def test_sct_from_scratch_trains_and_samples(tiny_shards, tmp_path):
         assert uncertainty.KEY in params  # Trained, averaged and saved with θ.
     assert float(jnp.abs(state.params[uncertainty.KEY]["Dense_0"]["bias"]).sum()) > 0
     gen = Generator(str(tmp_path))
-    two_step, _ = gen.sample(3, sigmas=cifar10_sct.get_config().sample.sigmas, batch_size=8)
+    two_step, _ = gen.sample(3, steps=2, batch_size=8)
     one_step, _ = gen.sample(3, batch_size=8)
     assert two_step.shape == one_step.shape == (3, 16, 16, 3)
     assert not np.array_equal(two_step, one_step)

@@ -8,6 +8,10 @@ fixed-size batches (one compilation), and are accumulated in float64 as they arr
 sFID need nothing more; precision/recall and KID compare individual features, so --mode=stats
 also writes the reference's pool3 features to a companion file (`<stats>_pool3.npy`), and eval
 keeps the samples' pool3 features when the reference has them or an IS classifier is given.
+
+On several processes every process samples and extracts its share of each batch and gets
+all the features back; process 0 alone writes files. Long work reports its progress
+(progress.py), and --mode=eval adds its metrics to the run's TensorBoard at the run's step.
 """
 
 import glob
@@ -20,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cm_jax import data
+from cm_jax import data, distributed, metric_logging, progress
 from cm_jax.evaluation import classifier, fid, inception
 from cm_jax.train_state import batch_sharding, create_mesh, replicated
 
@@ -44,6 +48,7 @@ class FeatureExtractor:
     def __init__(self, mesh, params_path=None, batch_size=250):
         self.params_path = params_path or inception.default_params_path()
         params = inception.load_inception_params(self.params_path)
+        self.mesh = mesh
         self.params = jax.device_put(params, replicated(mesh))
         devices = mesh.devices.size
         self.batch_size = max(devices, batch_size // devices * devices)
@@ -59,17 +64,20 @@ class FeatureExtractor:
             return str(f["source_sha1"]) if "source_sha1" in f else "unknown"
 
     def features(self, images):
-        """Features of uint8 images [N, H, W, C], padded to full batches so shapes never change."""
+        """Features of uint8 images [N, H, W, C], padded to full batches so shapes never change;
+        the batches are split over every device (of every process) and every process gets all
+        the features."""
         pool3, spatial = [], []
+        split = batch_sharding(self.mesh)
         for start in range(0, len(images), self.batch_size):
             chunk = np.asarray(images[start : start + self.batch_size])
             count = len(chunk)
             if count < self.batch_size:
                 pad = np.zeros((self.batch_size - count,) + chunk.shape[1:], chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            out = jax.device_get(self._fn(self.params, chunk))
-            pool3.append(out["pool3"][:count])
-            spatial.append(out["spatial"][:count])
+            out = self._fn(self.params, distributed.to_global(chunk, split))
+            pool3.append(distributed.to_host(out["pool3"])[:count])
+            spatial.append(distributed.to_host(out["spatial"])[:count])
         return np.concatenate(pool3), np.concatenate(spatial)
 
 
@@ -117,7 +125,10 @@ class ImageStats:
         """Both statistics in float64 and the kept feature chunks not yet saved (one npy per
         chunk, named by its first sample), each written to a temporary file and renamed. The
         pool3 statistics, which record `done`, go last: a kill at any moment leaves either the
-        previous or the new progress."""
+        previous or the new progress. Process 0 writes; every process keeps the same state."""
+        if not distributed.is_writer():
+            self._kept_saved = len(self.kept or [])
+            return
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
         if self.kept is not None:
             offset = sum(len(chunk) for chunk in self.kept[: self._kept_saved])
@@ -151,6 +162,8 @@ class ImageStats:
     @staticmethod
     def remove_progress(prefix):
         """Removes what `save_progress` wrote (and any temporary file a kill left)."""
+        if not distributed.is_writer():
+            return
         escaped = glob.escape(prefix)
         for path in glob.glob(escaped + ".*.npz") + glob.glob(escaped + ".features.*.npy"):
             os.remove(path)
@@ -182,9 +195,9 @@ def _load_feature_chunks(prefix, done):
 def sample_stats(
     gen, extractor, sample_config, num_samples, progress_path=None, chunk=0, keep_features=False
 ):
-    """Statistics (and with keep_features the pool3 features) of num_samples samples of `gen`,
-    made chunk by chunk (sample i always from noise index i, so chunks are independent of each
-    other).
+    """Statistics (and with keep_features the pool3 features) of num_samples samples of `gen`
+    (sampled as its sample_config says), made chunk by chunk (sample i always from noise index
+    i, so chunks are independent of each other).
 
     With progress_path, the statistics and features so far are saved after every chunk and
     picked up again by a rerun (pre-emption safe); the files are removed when the last chunk
@@ -195,22 +208,14 @@ def sample_stats(
     if progress_path and os.path.exists(progress_path + ".pool3.npz"):
         stats, done = ImageStats.load_progress(progress_path, keep_features)
         logging.info("eval: resuming after %d of %d samples", done, num_samples)
-    for start in range(done, num_samples, chunk):
-        count = min(chunk, num_samples - start)
-        images, _ = gen.sample(
-            count,
-            sigmas=tuple(s.sigmas),
-            ts=tuple(s.ts),
-            num_scales=s.num_scales,
-            seed=s.seed,
-            first_index=start,
-            batch_size=s.batch_size,
-            edm_steps=s.edm_steps,
-            edm_solver=s.edm_solver,
-        )
-        stats.add(extractor, images)
-        if progress_path:
-            stats.save_progress(progress_path, start + count)
+    with progress.Progress(num_samples, "img", "eval: sampling + features", done) as bar:
+        for start in range(done, num_samples, chunk):
+            count = min(chunk, num_samples - start)
+            images, _ = gen.sample(count, seed=s.seed, first_index=start, batch_size=s.batch_size)
+            stats.add(extractor, images)
+            if progress_path:
+                stats.save_progress(progress_path, start + count)
+            bar.update(count)
     if progress_path:
         ImageStats.remove_progress(progress_path)
     return stats
@@ -219,8 +224,7 @@ def sample_stats(
 def _run_tag(row, num_samples):
     """A file name that changes with everything the samples depend on."""
     key = json.dumps(
-        {k: row[k] for k in ("step", "ema_rate", "sigmas", "ts", "num_scales", "seed")}
-        | {"n": num_samples},
+        {k: row[k] for k in ("step", "ema_rate", "sampler", "seed")} | {"n": num_samples},
         sort_keys=True,
     )
     return hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -258,43 +262,72 @@ def run_stats(config, workdir):
     features_path = reference_features_path(path)
     partial = features_path[: -len(".npy")] + ".partial.npy"
     keep = min(max(int(config.eval.ref_features_max), 0), dataset.num_examples)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    kept = (
-        np.lib.format.open_memmap(partial, "w+", np.float32, (keep, classifier.POOL3_DIM))
-        if keep
-        else None
-    )
+    writer = distributed.is_writer()
+    kept = None
+    if writer:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if keep:
+            shape = (keep, classifier.POOL3_DIM)
+            kept = np.lib.format.open_memmap(partial, "w+", np.float32, shape)
     chunk = 10 * extractor.batch_size
-    for start in range(0, dataset.num_examples, chunk):
-        pool3 = stats.add(extractor, dataset.images[start : start + chunk])
-        if start < keep:
-            rows = pool3[: keep - start]
-            kept[start : start + len(rows)] = rows
-        logging.info(
-            "stats: %d / %d images", min(start + chunk, dataset.num_examples), dataset.num_examples
-        )
+    with progress.Progress(dataset.num_examples, "img", "stats: features") as bar:
+        for start in range(0, dataset.num_examples, chunk):
+            pool3 = stats.add(extractor, dataset.images[start : start + chunk])
+            if kept is not None and start < keep:
+                rows = pool3[: keep - start]
+                kept[start : start + len(rows)] = rows
+            bar.update(min(chunk, dataset.num_examples - start))
+    stats.pool3.metadata["pool3_features"] = str(keep)
+    if not writer:
+        return path
     if keep:
         kept.flush()
         del kept
         os.replace(partial, features_path)
     elif os.path.exists(features_path):
         os.remove(features_path)  # It belongs to earlier statistics at this path.
-    stats.pool3.metadata["pool3_features"] = str(keep)
     stats.save(path)
     logging.info("Wrote %s (n = %d) and the features of %d images.", path, stats.pool3.n, keep)
     return path
 
 
 def _load_reference(path):
-    if not path or not os.path.isfile(path):
+    """(pool3 FeatureStats, (mu, sigma) of the spatial features or None) of a reference
+    statistics npz, checked whole before anything is sampled: a missing, damaged or foreign
+    file is one error naming it."""
+    if not path:
+        raise ValueError(
+            "eval.ref_stats is empty: make reference statistics with --mode=stats, or give "
+            "--config.eval.ref_stats (e.g. shared/data/cifar10_fid/cifar10_train_tf_inception.npz)."
+        )
+    if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Reference statistics {path!r} not found: make them with "
             f"--mode=stats or set --config.eval.ref_stats."
         )
-    pool3 = fid.FeatureStats.load(path)
-    with np.load(path) as f:
-        spatial = (f["mu_spatial"], f["sigma_spatial"]) if "mu_spatial" in f else None
-    return pool3, spatial
+    dim = classifier.POOL3_DIM
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = sorted({"mu", "sigma", "n"} - set(f.files))
+            if missing:
+                raise ValueError(
+                    f"{path} lacks {missing} (it has {sorted(f.files)}): it is not reference "
+                    "statistics; --mode=stats writes them."
+                )
+            shapes = (f["mu"].shape, f["sigma"].shape)
+            spatial = (f["mu_spatial"], f["sigma_spatial"]) if "mu_spatial" in f.files else None
+    except ValueError:
+        raise
+    except Exception as e:  # BadZipFile, EOFError, OSError: a damaged or foreign file.
+        raise ValueError(
+            f"{path} is not a readable npz file ({type(e).__name__}); is it damaged?"
+        ) from e
+    if shapes != ((dim,), (dim, dim)):
+        raise ValueError(
+            f"{path} holds statistics of shapes {shapes}, not those of the Inception network's "
+            f"{dim}-dimensional pool3 features; make them with --mode=stats."
+        )
+    return fid.FeatureStats.load(path), spatial
 
 
 def _load_reference_features(path, ref_pool3):
@@ -347,14 +380,33 @@ def _inception_score(features, weight):
     return {"inception_score": mean, "inception_score_std": std}
 
 
-def _npz_stats(path, extractor, keep_features):
-    """Statistics (and features) of the images in an npz (arr_0 or images)."""
-    with np.load(path) as f:
-        images = f["arr_0"] if "arr_0" in f else f["images"]
+def _npz_images(path):
+    """The images of an npz of samples (arr_0 or images), checked before anything runs."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            key = "arr_0" if "arr_0" in f.files else "images"
+            if key not in f.files:
+                raise ValueError(f"{path} has neither `arr_0` nor `images` (it has {f.files}).")
+            images = f[key]
+    except ValueError:
+        raise
+    except Exception as e:  # Missing, damaged or foreign file.
+        raise ValueError(f"eval.samples_npz={path}: cannot read it ({type(e).__name__}).") from e
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{path}: samples must be uint8 [N, H, W, C], got {images.dtype} {images.shape}."
+        )
+    return images
+
+
+def _npz_stats(images, extractor, keep_features):
+    """Statistics (and features) of the images of an npz."""
     stats = ImageStats(_metadata(extractor), keep_features)
     chunk = 10 * extractor.batch_size
-    for start in range(0, len(images), chunk):
-        stats.add(extractor, images[start : start + chunk])
+    with progress.Progress(len(images), "img", "eval: features") as bar:
+        for start in range(0, len(images), chunk):
+            stats.add(extractor, images[start : start + chunk])
+            bar.update(min(chunk, len(images) - start))
     return stats
 
 
@@ -364,17 +416,22 @@ def _sampled_stats(config, workdir, mesh, extractor, row, keep_features):
     from cm_jax.generate import Generator  # Only eval of a run needs the generator.
 
     e, s = config.eval, config.sample
-    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None, list(mesh.devices.flat))
+    devices = list(mesh.devices.flat)
+    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None, devices, s)
     row.update(
         step=gen.step,
         ema_rate=s.ema_rate or gen.config.train.ema_rates[0],
-        sigmas=list(s.sigmas),
-        ts=list(s.ts),
-        num_scales=s.num_scales,
+        sampler=str(gen.sampler()),
         seed=s.seed,
     )
-    progress = os.path.join(workdir, "eval", "partial", _run_tag(row, e.num_samples))
-    return sample_stats(gen, extractor, s, e.num_samples, progress, e.chunk_size, keep_features)
+    progress_path = os.path.join(workdir, "eval", "partial", _run_tag(row, e.num_samples))
+    return sample_stats(
+        gen, extractor, s, e.num_samples, progress_path, e.chunk_size, keep_features
+    )
+
+
+# The metrics --mode=eval adds to the run's TensorBoard, at the step of the checkpoint it scored.
+TENSORBOARD_METRICS = ("fid", "sfid", "precision", "recall", "kid", "inception_score")
 
 
 def run_eval(config, workdir):
@@ -389,12 +446,13 @@ def run_eval(config, workdir):
     # Read before any sampling, so a bad file fails at once.
     weight = classifier.load_classifier(e.classifier_path) if e.classifier_path else None
     keep_features = ref_features is not None or weight is not None
+    images = _npz_images(e.samples_npz) if e.samples_npz else None
     mesh = create_mesh()
     extractor = FeatureExtractor(mesh, e.inception_path or None, e.batch_size)
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ref_stats": e.ref_stats}
     start_time = time.perf_counter()
-    if e.samples_npz:
-        stats = _npz_stats(e.samples_npz, extractor, keep_features)
+    if images is not None:
+        stats = _npz_stats(images, extractor, keep_features)
         row["samples"] = e.samples_npz
     else:
         stats = _sampled_stats(config, workdir, mesh, extractor, row, keep_features)
@@ -408,12 +466,20 @@ def run_eval(config, workdir):
     if e.classifier_path:
         row["classifier"] = e.classifier_path
     row["seconds"] = round(time.perf_counter() - start_time, 1)
-    path = os.path.join(workdir, "eval", "metrics.jsonl")
+    logging.info("eval: %s", row)
+    if distributed.is_writer():
+        _append_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"), [row])
+        if "step" in row:  # Scored a checkpoint: beside its training curves.
+            scalars = {k: row[k] for k in TENSORBOARD_METRICS if k in row}
+            metric_logging.write_eval_scalars(workdir, row["step"], scalars)
+    return row
+
+
+def _append_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-    logging.info("eval: %s", row)
-    return row
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def make_fid_hook(config):
@@ -494,6 +560,7 @@ def run_search(config, workdir):
     extractor = FeatureExtractor(mesh, config.eval.inception_path or None, config.eval.batch_size)
     gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None, list(mesh.devices.flat))
     sigma_max = gen.grid["sigma_max"]
+    count = {"done": 0}
 
     def sigmas_of(x):
         if c.kind == "index":
@@ -510,8 +577,18 @@ def run_search(config, workdir):
         stats = ImageStats(_metadata(extractor))
         stats.add(extractor, images)
         value = fid.fid_from_stats(stats.pool3, ref_pool3)
-        logging.info("search: %s -> sigmas %s, FID %.4f", x, sigmas_of(x), value)
+        count["done"] += 1
+        logging.info(
+            "search: point %d (%s -> sigmas %s): FID %.4f, %.0f s so far",
+            count["done"],
+            x,
+            sigmas_of(x),
+            value,
+            time.perf_counter() - started,
+        )
         return value
+
+    started = time.perf_counter()
 
     if c.kind == "index":
         best, value, values = ternary_search(fid_of, 1, c.num_scales - 2, integer=True)
@@ -521,34 +598,13 @@ def run_search(config, workdir):
         )
     else:
         raise ValueError(f"Unknown search.kind {c.kind!r}: use index or sigma.")
-    path = os.path.join(workdir, "eval", "search.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for x, v in sorted(values.items()):
-            f.write(
-                json.dumps(
-                    {
-                        "kind": c.kind,
-                        "x": float(x),
-                        "sigmas": sigmas_of(x),
-                        "fid": v,
-                        "step": gen.step,
-                        "num_samples": c.num_samples,
-                    }
-                )
-                + "\n"
-            )
-        f.write(
-            json.dumps(
-                {
-                    "kind": c.kind,
-                    "best": float(best),
-                    "sigmas": sigmas_of(best),
-                    "fid": value,
-                    "step": gen.step,
-                }
-            )
-            + "\n"
-        )
+    common = {"kind": c.kind, "step": gen.step}
+    rows = [
+        {**common, "x": float(x), "sigmas": sigmas_of(x), "fid": v, "num_samples": c.num_samples}
+        for x, v in sorted(values.items())
+    ]
+    rows.append({**common, "best": float(best), "sigmas": sigmas_of(best), "fid": value})
+    if distributed.is_writer():
+        _append_jsonl(os.path.join(workdir, "eval", "search.jsonl"), rows)
     logging.info("search: best %s (sigmas %s), FID %.4f", best, sigmas_of(best), value)
     return sigmas_of(best), value

@@ -116,8 +116,9 @@ def curriculum_steps(config):
 def metric(loss_config):
     """d(x, y, frozen) -> [B]: LPIPS reads its VGG16 weights from frozen["lpips"]."""
     if loss_config.distance == "lpips":
+        variant = loss_config.get("lpips_variant", "lpips")
         return lambda x, y, frozen: lpips.lpips_distance(
-            frozen["lpips"], x, y, resize_to=loss_config.lpips_resize
+            frozen["lpips"], x, y, resize_to=loss_config.lpips_resize, variant=variant
         )
     distance = distances.get_distance(loss_config.distance, loss_config.huber_c)
     return lambda x, y, frozen: distance(x, y)

@@ -82,6 +82,13 @@ def consistency_training_loss(net, config, teacher_net=None):
 class CT(base.Method):
     name = "ct"
     has_target_network = True
+    # The official ImageNet-64 and LSUN runs start from their EDM teacher's weights
+    # (openai/consistency_models cm_train.py); the loss never calls the teacher.
+    student_start = base.OPTIONAL
 
     def loss_fn(self, net, config, teacher_net=None):
         return consistency_training_loss(net, config, teacher_net)
+
+    def check_config(self, config):
+        super().check_config(config)
+        base.require_teacher(self, config, "This CT recipe starts from a pretrained EDM model")
