@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from cm_jax import checkpoint, config_checks, models, optim, trainer, workdir_lock
+from cm_jax import checkpoint, config_checks, models, optim, torch_files, trainer, workdir_lock
 from cm_jax.train_state import create_mesh, init_params, init_train_state
 
 QKV_LAYOUTS = ("flash", "legacy")
@@ -56,18 +56,10 @@ def read_state_dict(path):
         with np.load(path) as f:
             return {key: f[key].astype(np.float32) for key in f.files}
     try:
-        import torch  # pylint: disable=import-outside-toplevel  # Only .pt files need it.
-    except ImportError as e:
-        raise CheckpointImportError(
-            "reading a .pt file needs torch (pip install "
-            "torch==2.13.0 takes the CPU wheel), or give the state "
-            "dict as an .npz"
-        ) from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or damaged files
-        raise CheckpointImportError(f"{path!r} is not a readable PyTorch file: {e}") from e
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        state = torch_files.load_tensors(path, "a state dict", "Or give the state dict as an .npz.")
+    except (ImportError, torch_files.TorchFileError) as e:
+        raise CheckpointImportError(str(e)) from e
+    if not isinstance(state, dict) or not all(hasattr(v, "numpy") for v in state.values()):
         raise CheckpointImportError(
             f"{path!r} is not a state dict of tensors (a released "
             "openai/consistency_models checkpoint is one)"

@@ -74,6 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cm_jax import torch_files
+
 # ---------------------------------------------------------------------------------------------
 # Constants (lpips==0.1.4, piq==0.7.0 and torchvision's vgg16 "D" configuration)
 
@@ -303,20 +305,11 @@ def init_params(seed=0):
 def _torch_load_object(path, expected, hint=""):
     """torch.load(path) of tensors only; `expected` (what the file should hold) and `hint` go
     into the error message when it cannot be read."""
+    convert = "Or convert it where torch is installed with `python -m cm_jax.lpips convert`."
     try:
-        import torch  # Only to read .pth files; never needed for an npz.
-    except ImportError as e:
-        raise LPIPSWeightsError(
-            f"Reading {path} (a PyTorch file) needs torch: `pip install torch` (a CPU build is "
-            f"enough), or convert it where torch is installed with `python -m cm_jax.lpips "
-            f"convert` and use the npz."
-        ) from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # A pickled whole model, a truncated file, …
-        raise LPIPSWeightsError(
-            f"Could not read {path} as {expected} ({type(e).__name__}: {e}).{hint}"
-        ) from e
+        return torch_files.load_tensors(path, expected, convert)
+    except (ImportError, torch_files.TorchFileError) as e:
+        raise LPIPSWeightsError(f"{e}{hint}") from e
 
 
 def _as_numpy(value):

@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from cm_jax import torch_files
 from cm_jax.evaluation import fid
 
 NUM_CLASSES = 1008  # the graph's output size
@@ -49,17 +50,8 @@ def _checked(weight: np.ndarray, shape: tuple[int, int], path: str, name: str) -
 
 def read_pth(path: str) -> np.ndarray:
     """W [2048, 1008] (logits = pool3 @ W) from pytorch-fid's state dict: ``fc.weight``.T."""
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise ImportError(
-            f"Reading {path} needs torch (the CPU build is enough), or an npz "
-            f"converted elsewhere with `{CONVERT_COMMAND} --pth {path}`"
-        ) from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(f"{path} is not a torch state dict ({PYTORCH_FID_FILE}): {e}") from e
+    hint = f"Or convert it elsewhere with `{CONVERT_COMMAND} --pth {path}` and give the npz."
+    state = torch_files.load_tensors(path, f"pytorch-fid's {PYTORCH_FID_FILE}", hint)
     if not isinstance(state, dict) or "fc.weight" not in state:
         keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise ValueError(
