@@ -17,6 +17,7 @@ are detected; on other clusters give --coordinator_address (process 0's host:por
 system or gs://).
 """
 
+import ast
 import importlib
 import logging as py_logging
 import os
@@ -87,8 +88,12 @@ def _quiet_orbax(record):
 
 def _bad_config_flag(argv, error):
     """One line for a --config.x flag that names no field (ml_collections says which field and
-    what it may have meant, after a long traceback)."""
-    text = str(error).strip("'\" ").replace("\\n", "\n")
+    what it may have meant, quoted twice over, after a long traceback)."""
+    text = str(error)
+    try:  # ml_collections' message is the repr of "'field'\nDid you mean ...".
+        text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
     field, _, hint = text.partition("\n")
     field = field.strip("'\" ")
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and field in a), "")

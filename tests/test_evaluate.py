@@ -90,7 +90,7 @@ def trained_run(tiny_shards, inception_weights, tmp_path_factory):
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), n=10)
     config = cifar10_ict.get_config("test")
     config.data.dir = tiny_shards
-    config.train.update(fid_every=2, fid_num_samples=4, sample_every=0)
+    config.train.update(fid_every=2, fid_num_samples=4, sample_every=4)
     config.eval.update(ref_stats=str(ref), inception_path=npz, batch_size=8)
     trainer.train_and_evaluate(config, str(workdir), [evaluate.make_fid_hook(config)])
     return config, workdir
@@ -256,3 +256,37 @@ def test_eval_resumes_after_preemption(trained_run, monkeypatch, tmp_path):
     assert (precision, recall) == (5 / 20, 1 / 2)
     assert (resumed["kid"], resumed["kid_std"]) == pytest.approx(kid, rel=1e-9)
     assert not os.listdir(workdir / "eval" / "partial")
+
+
+def test_tensorboard_holds_the_grids_the_config_and_the_fids(trained_run, caplog):
+    """What a user opens TensorBoard for: the sample grid at sample_every, the config, the FID of
+    the training hook, and --mode=eval's FID at the checkpoint's step; eval reports progress."""
+    import logging
+
+    pytest.importorskip("tensorflow")
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    config, workdir = trained_run
+    config = config.copy_and_resolve_references()
+    config.eval.update(num_samples=4, chunk_size=4)
+    caplog.set_level(logging.INFO)
+    row = evaluate.run_eval(config, str(workdir))
+    progress = [
+        r.getMessage() for r in caplog.records if "eval: sampling + features" in r.getMessage()
+    ]
+    assert any("4/4 img (" in line and "img/s" in line for line in progress), progress
+    acc = ea.EventAccumulator(str(workdir / "tensorboard"), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    plugin = lambda tag: acc.SummaryMetadata(tag).plugin_data.plugin_name
+    tags = set(acc.Tags()["tensors"])
+    assert {"samples/ema_0.9", "config", "fid", "eval/fid"} <= tags, tags
+    assert (plugin("samples/ema_0.9"), plugin("config"), plugin("eval/fid")) == (
+        "images",
+        "text",
+        "scalars",
+    )
+    (event,) = acc.Tensors("eval/fid")
+    assert event.step == row["step"] == 4
+    from tensorboard.util import tensor_util
+
+    assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(row["fid"])
