@@ -55,7 +55,26 @@ def _json_value(value):
 
 
 # ----------------------------------------------------------------------------------- writers
-class JsonlWriter:
+class _ScalarsOnly:
+    """A writer of scalars alone: images, texts and hparams are skipped."""
+
+    def write_images(self, step, images):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class JsonlWriter(_ScalarsOnly):
     """Appends one JSON object per `write_scalars`: {"step": k, name: value, ...}.
 
     Numbers are written as floats; other values (a string saying why a metric is unavailable)
@@ -84,15 +103,6 @@ class JsonlWriter:
         else:
             self._file.write(line)
 
-    def write_images(self, step, images):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
     def flush(self):
         if self._remote:
             if self._dirty:
@@ -109,7 +119,7 @@ class JsonlWriter:
             self._file = None
 
 
-class ConsoleWriter:
+class ConsoleWriter(_ScalarsOnly):
     """Scalars to absl logging; images, texts and hparams are skipped."""
 
     def write_scalars(self, step, scalars):
@@ -118,21 +128,6 @@ class ConsoleWriter:
             number = _as_number(v)
             parts.append(f"{k}={number:.6g}" if number is not None else f"{k}={v}")
         logging.info("[%d] %s", step, ", ".join(parts))
-
-    def write_images(self, step, images):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 class TensorBoardWriter:
