@@ -51,7 +51,7 @@ class Progress:
         self.start = self.last_report = time.perf_counter()
         self.enabled = jax.process_index() == 0
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
-        self.bar, self._redirected = None, None
+        self.bar, self._redirected, self._finished_reported = None, None, False
         if self.enabled and self.terminal:
             self.bar = tqdm.tqdm(
                 total=total, initial=initial, unit=unit, desc=desc, mininterval=1.0, smoothing=0.1
@@ -97,8 +97,9 @@ class Progress:
             self.bar.update(count)
             return
         now = time.perf_counter()
-        if now - self.last_report >= self.interval or self.done >= self.total:
-            self.last_report = now
+        finished = self.done >= self.total and not self._finished_reported
+        if finished or (now - self.last_report >= self.interval and self.done < self.total):
+            self.last_report, self._finished_reported = now, self.done >= self.total
             extra = "".join(f", {k} {v}" for k, v in postfix.items())
             logging.info("%s%s", self.line(), extra)
 

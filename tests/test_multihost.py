@@ -2,16 +2,15 @@
 devices over 127.0.0.1 (gloo collectives, --coordinator_address/--num_processes/--process_id),
 against one process with the same 4 devices.
 
-- training killed (SIGKILL, both processes) and restarted ends with the parameters of an
+- training killed (SIGKILL, both processes), restarted, pre-empted (SIGTERM to one process
+  only: both save the same step and exit 0) and restarted again ends with the parameters of an
   uninterrupted one-process run;
-- SIGTERM to one process only: both save the same step and exit 0, and the resumed run ends
-  equal too;
 - --mode=sample and --mode=stats as two processes write their files once, with the images and
   statistics of one process;
 - start-up mistakes are one clear error.
 
-Each process has its own compile cache folder: the two must reach their first collective
-together, so both compile, or both read the cache (gloo waits only 30 s).
+Each process of a pair has its own compile cache folder for the session: the two must reach
+each collective together, so both compile, or both read the cache (gloo waits only 30 s).
 """
 
 import os
@@ -19,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -45,16 +45,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# One compile cache per process of a pair, new for each test session: the two processes must
+# reach each collective within gloo's 30 s, so both compile a program or both read it (their
+# caches stay alike: the kills below come after a checkpoint, when everything is compiled).
+_SESSION_CACHES = tempfile.mkdtemp(prefix="cm_jax_multihost_jit_")
+
+
 def _env(devices, cache_name):
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "cm_jax_jit_multihost", cache_name)
     return dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        # Two processes must reach each collective within gloo's 30 s: a cache that one
-        # process has and the other lacks (after a kill) would put them minutes apart.
-        JAX_ENABLE_COMPILATION_CACHE="false" if cache.endswith(("p0", "p1")) else "true",
+        JAX_COMPILATION_CACHE_DIR=os.path.join(_SESSION_CACHES, cache_name),
     )
 
 
@@ -142,7 +144,20 @@ def reference(tmp_path_factory, tiny_shards):
     return workdir, _params(workdir)
 
 
-def test_killed_and_restarted_pair_equals_one_process(reference, tmp_path, tiny_shards):
+def _preempted_steps(procs):
+    """The step each process says it saved at on pre-emption."""
+    steps = []
+    for proc in procs:
+        lines = [line for line in open(proc.log_path) if "Pre-empted: saved" in line]
+        assert len(lines) == 1, _tail(proc)
+        steps.append(int(lines[0].split("step ")[1].split()[0]))
+    return steps
+
+
+def test_killed_then_preempted_pair_ends_as_one_process(reference, tmp_path, tiny_shards):
+    """2 processes × 2 devices: SIGKILL to both after the first checkpoint; restarted, SIGTERM
+    to process 1 only after the next ones (both save the same step and exit 0); restarted again,
+    the run ends with the parameters of the one-process, four-device run."""
     _, (ref_step, ref_params) = reference
     workdir = tmp_path / "run"
     flags = [*TRAIN_FLAGS, f"--workdir={workdir}", f"--config.data.dir={tiny_shards}"]
@@ -151,33 +166,21 @@ def test_killed_and_restarted_pair_equals_one_process(reference, tmp_path, tiny_
     for proc in pair:
         proc.send_signal(signal.SIGKILL)
     _wait(pair)
-    assert max(_checkpoint_steps(workdir)) < STEPS, "killed too late to test a resume"
+    killed_at = max(_checkpoint_steps(workdir))
+    assert killed_at < STEPS, "killed too late to test a resume"
+    assert "process 0 of 2, 4 devices (2 here, cpu)" in open(pair[0].log_path).read()
+
     pair = _pair(flags, tmp_path, "second")
+    _wait_for_checkpoint(pair, workdir, killed_at + 4)
+    pair[1].send_signal(signal.SIGTERM)
+    assert _wait(pair) == [0, 0], _tail(pair[0]) + _tail(pair[1])
+    saved = _preempted_steps(pair)
+    assert saved[0] == saved[1] == max(_checkpoint_steps(workdir)) < STEPS
+
+    pair = _pair(flags, tmp_path, "third")
     assert _wait(pair) == [0, 0], _tail(pair[0]) + _tail(pair[1])
     step, params = _params(workdir)
     assert step == ref_step == STEPS
-    _assert_close(params, ref_params, atol=1e-6)
-    assert "process 0 of 2, 4 devices (2 here, cpu)" in open(pair[0].log_path).read()
-
-
-def test_sigterm_to_one_process_saves_one_step_and_resumes_equal(reference, tmp_path, tiny_shards):
-    _, (_, ref_params) = reference
-    workdir = tmp_path / "run"
-    flags = [*TRAIN_FLAGS, f"--workdir={workdir}", f"--config.data.dir={tiny_shards}"]
-    pair = _pair(flags, tmp_path, "first")
-    _wait_for_checkpoint(pair, workdir, 4)
-    pair[1].send_signal(signal.SIGTERM)
-    assert _wait(pair) == [0, 0], _tail(pair[0]) + _tail(pair[1])
-    saved = []
-    for proc in pair:
-        lines = [line for line in open(proc.log_path) if "Pre-empted: saved" in line]
-        assert len(lines) == 1, _tail(proc)
-        saved.append(int(lines[0].split("step ")[1].split()[0]))
-    assert saved[0] == saved[1] == max(_checkpoint_steps(workdir)) < STEPS
-    pair = _pair(flags, tmp_path, "second")
-    assert _wait(pair) == [0, 0], _tail(pair[0]) + _tail(pair[1])
-    step, params = _params(workdir)
-    assert step == STEPS
     _assert_close(params, ref_params, atol=1e-6)
 
 
