@@ -133,6 +133,17 @@ def _devices_of(x):
     return None
 
 
+def _array_sums_of(x):
+    """`_array_sums` of x, dispatched. The sum of an array split over several devices is a
+    collective: it is waited for at once, because hundreds of them queued together (a sharded
+    state's arrays) can starve the CPU backend's collectives past their fixed timeout, which
+    aborts the process."""
+    sums = _sums_fn(_devices_of(x))(x)
+    if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated:
+        sums.block_until_ready()
+    return sums
+
+
 def state_digest(state):
     """{leaf_name: {"shape", "dtype", "sums": [plain, weighted]}} of every array of `state`.
 
@@ -141,7 +152,7 @@ def state_digest(state):
     same digest.
     """
     leaves = named_leaves(state)
-    sums = [_sums_fn(_devices_of(x))(x) for x in leaves.values()]  # dispatched, not waited for
+    sums = [_array_sums_of(x) for x in leaves.values()]
     return {
         name: {
             "shape": list(np.shape(x)),

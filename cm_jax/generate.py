@@ -9,7 +9,8 @@ Unset options follow the run's own `config.sample`: its sampler (consistency ste
 Heun, a PD student's learned steps), `sample.steps` (1, or 2 for the recipe's two-step time
 points), σ's or official `ts`.
 
-Samples are sharded over all devices, of every process of a multi-host run. Sample i always
+Samples are sharded over all devices, of every process of a multi-host run; the parameters
+live as the run's config.mesh says (split over its fsdp axis, or replicated). Sample i always
 comes from the noise of index i (sampling.sample_noise), so the same seed gives the same images
 whatever the batch size, the number of devices or of processes. Files are written by process 0.
 """
@@ -36,7 +37,7 @@ from cm_jax import (
     runs,
     sampling,
 )
-from cm_jax.train_state import batch_sharding, create_mesh, replicated
+from cm_jax.train_state import batch_sharding, replicated, shardings
 
 
 class Generator:
@@ -44,8 +45,9 @@ class Generator:
 
     def __init__(self, workdir, step=None, ema_rate=None, devices=None, sample_config=None):
         """The run in `workdir` at checkpoint `step` (None: the newest), its EMA `ema_rate`
-        (None: the first). sample_config: a `sample` section to follow instead of the run's."""
-        mesh = create_mesh(devices)
+        (None: the first). sample_config: a `sample` section to follow instead of the run's.
+        devices: where to sample (None: all), on the mesh of the run's own config.mesh."""
+        mesh = runs.run_mesh(runs.read_run_config(workdir), devices)
         config, net, state = runs.restore_run(workdir, mesh, step)
         params = runs.ema_params(config, state, ema_rate)
         self._setup(config, net, params, mesh, int(state.step), sample_config)
@@ -58,7 +60,8 @@ class Generator:
         return generator
 
     def _setup(self, config, net, params, mesh, step, sample_config):
-        self.config, self.net, self.params, self.mesh, self.step = config, net, params, mesh, step
+        self.config, self.net, self.mesh, self.step = config, net, mesh, step
+        self.params = _on_mesh(params, mesh)
         self.sample_config = config.sample if sample_config is None else sample_config
         self.method = methods.of(config)
         self.grid = karras.grid(config.karras)
@@ -199,7 +202,8 @@ class Generator:
 
     def _jit(self, fn):
         split, whole = batch_sharding(self.mesh), replicated(self.mesh)
-        return jax.jit(fn, in_shardings=(whole, split, whole, split), out_shardings=split)
+        params = jax.tree.map(lambda x: x.sharding, self.params)  # as they live: maybe split
+        return jax.jit(fn, in_shardings=(params, split, whole, split), out_shardings=split)
 
     def _batched(self, fn, num, batch_size, seed, labels, first_index=0, show_progress=False):
         """Run fn over indices first_index… (num of them) in batches padded to a multiple of the
@@ -283,6 +287,20 @@ class Generator:
         count = int(options.pop("num_pairs", 1))
         z = sampling.sample_noise(seed, np.arange(2 * count), self.image_shape)
         return jnp.stack([z[:count], z[count:]])
+
+
+def _on_mesh(params, mesh):
+    """params on the mesh's devices: arrays already there keep their shardings (a restored
+    run's, split over its fsdp axis, or a training run's EMA), others are placed there by
+    train_state.shardings."""
+    devices = set(mesh.devices.flat)
+
+    def place(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+            return x
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(place, params, shardings(params, mesh))
 
 
 # ---------------------------------------------------------------------- launch.py modes

@@ -3,13 +3,16 @@ the state of one of its checkpoints. Teachers, samplers and evaluators start her
 """
 
 import json
+import math
 import os
 
+import jax
+from absl import logging
 from etils import epath
 from ml_collections import config_dict
 
 from cm_jax import checkpoint, models, optim
-from cm_jax.train_state import abstract_train_state, ema_key
+from cm_jax.train_state import abstract_train_state, create_mesh, ema_key, fsdp_size
 
 
 class RunError(ValueError):
@@ -62,11 +65,32 @@ def check_checkpoint(workdir, step=None):
         raise RunError(f"{workdir!r} has no checkpoint at step {step}; it has {available}.")
 
 
-def restore_run(workdir, mesh, step=None):
+def run_mesh(config, devices=None):
+    """The mesh of a run's own `config.mesh` (fsdp 1, replicated, for a run without one) on
+    `devices` (None: all). Where the run's fsdp does not divide their number (a run trained
+    with fsdp 8, read on 1 device), the largest common divisor of the two."""
+    devices = jax.devices() if devices is None else list(devices)
+    fsdp = math.gcd(fsdp_size(config), len(devices))
+    if fsdp != fsdp_size(config):
+        logging.info(
+            "The run's mesh.fsdp=%d does not divide the %d devices: reading it with fsdp %d.",
+            fsdp_size(config),
+            len(devices),
+            fsdp,
+        )
+    return create_mesh(devices, fsdp)
+
+
+def restore_run(workdir, mesh=None, step=None):
     """(config, network, state) of the run's checkpoint `step` (None or 0: the newest good
-    one), replicated over `mesh`."""
+    one). mesh: a Mesh to shard the state over (`train_state.shardings` by its fsdp axis: a
+    training run's teacher lives on the run's mesh), or the devices to read it onto (None:
+    all), on the mesh of the run's own config.mesh there (`run_mesh`). Checkpoints are global
+    arrays: any mesh reads any checkpoint."""
     config = read_run_config(workdir)
     check_checkpoint(workdir, step)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        mesh = run_mesh(config, mesh)
     net = models.create_model(config.model)
     tx, _ = optim.make_optimizer(config.optim)
     template = abstract_train_state(config, net, tx, mesh)

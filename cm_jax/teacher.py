@@ -36,8 +36,9 @@ def _check_teaches(workdir, run_config):
 
 def load_teacher(teacher_config, mesh):
     """(network, the run's config, params) of the teacher's EMA at `teacher.ema_rate` (0: its
-    first), replicated over `mesh`. The whole teacher state is restored, then all but that EMA
-    is dropped."""
+    first), sharded over `mesh` (the student's: `train_state.shardings` by its fsdp axis,
+    whatever mesh the teacher was trained on). The whole teacher state is restored, then all
+    but that EMA is dropped."""
     try:
         workdir, step = runs.split_checkpoint_path(teacher_config.workdir, teacher_config.step)
         run_config, net, state = runs.restore_run(workdir, mesh, step)

@@ -8,11 +8,16 @@ What differs between methods, the trainer asks the run's method (cm_jax/methods)
 μ(k), and for progressive distillation a step 0 at the start of each stage (θ⁻ ← θ, the student
 becoming the teacher, and a fresh optimizer) and the learning rate's decay within a stage.
 
-Sharding: a 1-D device mesh with axis "data". The batch is split over it, everything in the
-state is replicated, and XLA inserts the gradient all-reduce, because the loss is a mean over
-the global batch. The same code runs on 1 CPU, 8 fake CPU devices, a GPU, or a TPU pod
-(each host feeds its rows of the global batch; see data.py). With train.microbatches > 1 the
-gradient is accumulated over slices of the batch, for batches whose activations do not fit.
+Sharding: a device mesh with axes ("data", "fsdp") (config.mesh.fsdp devices on the second).
+The batch is split over all devices; the state's large arrays (θ, the optimizer's moments, θ⁻,
+the EMAs) and the frozen teacher and LPIPS weights are split over "fsdp" and replicated over
+"data" (train_state.shardings), so each device holds 1/fsdp of them. The step is written for
+one device: XLA's SPMD partitioner inserts the gradient all-reduce (the loss is a mean over the
+global batch) and, under FSDP, the all-gathers of the weights and the reduce-scatter of the
+gradients. With fsdp 1 (the default) everything is replicated, plain data parallelism. The same
+code runs on 1 CPU, 8 fake CPU devices, a GPU, or a TPU pod (each host feeds its rows of the
+global batch; see data.py). With train.microbatches > 1 the gradient is accumulated over slices
+of the batch, for batches whose activations do not fit.
 """
 
 import signal
@@ -45,13 +50,18 @@ from cm_jax import (
 from cm_jax.models import uncertainty
 from cm_jax.train_state import (
     batch_sharding,
+    check_fsdp,
+    config_mesh,
     count_params,
-    create_mesh,
     ema_key,
     ema_update,
+    fsdp_size,
     init_params,
     init_train_state,
+    mesh_fsdp,
     replicated,
+    shardings,
+    state_shardings,
     with_uncertainty_head,
 )
 
@@ -59,12 +69,19 @@ from cm_jax.train_state import (
 # --------------------------------------------------------------------------- one step
 def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
     """jit-compiled (state, batch, frozen) -> (state, metrics), scanning steps_per_call steps
-    per call; `frozen` holds the fixed networks' parameters (`load_frozen_networks`)."""
+    per call; `frozen` holds the fixed networks' parameters (`load_frozen_networks`).
+
+    The state comes in and goes out with `state_shardings` (split over the mesh's fsdp axis
+    or replicated), the batch split over all devices; `frozen` keeps the shardings it was
+    placed with (`load_frozen_networks`: the same rule). Under FSDP the gradient is held to
+    the parameters' shardings, so that XLA reduce-scatters it (and microbatches accumulate
+    only their shard)."""
     method = methods.of(config)
     loss_fn = method.loss_fn(net, config, teacher_net)
     ema_rates = tuple(config.train.ema_rates)
     microbatches = config.train.microbatches
     skip_nonfinite = config.train.get("nonfinite", "stop") == "skip"
+    fsdp = mesh_fsdp(mesh) > 1
 
     def one_step(state, batch, frozen):
         state = method.begin_step(state, tx, config)
@@ -75,6 +92,8 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
             (_, metrics), grads = grad_fn(
                 state.params, state.target_params, rows, key, state.step, frozen
             )
+            if fsdp:
+                grads = jax.lax.with_sharding_constraint(grads, shardings(grads, mesh))
             return grads, metrics
 
         grads, metrics = accumulate_gradient(gradient, batch, rng, microbatches, mesh)
@@ -113,10 +132,13 @@ def make_train_step(config, net, tx, lr_schedule, mesh, teacher_net=None):
         return state, _reduce_steps(metrics)
 
     spc = config.train.steps_per_call
+    state_sharding = state_shardings(config, net, tx, mesh)
+    # frozen: as placed (None: the arguments' own shardings); replicated with fsdp 1.
+    frozen_sharding = None if fsdp else replicated(mesh)
     return jax.jit(
         one_step if spc == 1 else multi_step,
-        in_shardings=(replicated(mesh), batch_sharding(mesh, spc), replicated(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        in_shardings=(state_sharding, batch_sharding(mesh, spc), frozen_sharding),
+        out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
     )
 
@@ -152,7 +174,7 @@ def accumulate_gradient(gradient, batch, rng, microbatches, mesh):
     """
     if microbatches == 1:
         return gradient(batch, rng)
-    slices = NamedSharding(mesh, P(None, "data"))
+    slices = NamedSharding(mesh, P(None, *batch_sharding(mesh).spec))  # axis 1: the rows
 
     def split(x):  # [B, ...] -> [microbatches, B / microbatches, ...], rows j::microbatches
         x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
@@ -276,6 +298,7 @@ def validate_config(config):
     compiled: config_checks' checks of every field, then those of the devices and the method."""
     config_checks.check_settings(config)
     tc = config.train
+    check_fsdp(fsdp_size(config), jax.device_count())
     if tc.batch_size % jax.device_count():
         raise ValueError(
             f"train.batch_size={tc.batch_size} is not divisible by the "
@@ -346,14 +369,15 @@ def _check_same_function(config, teacher_config):
 def load_frozen_networks(config, mesh):
     """(teacher network or None, frozen) where frozen holds the parameters the loss reads but
     never trains: "teacher" (the EDM teacher of CD, PD and sCD, the starting point of ECT and
-    of sCT when it has one) and "lpips" (the LPIPS VGG16), replicated."""
+    of sCT when it has one) and "lpips" (the LPIPS VGG16), sharded over `mesh` as the state
+    is (`train_state.shardings`: replicated with fsdp 1)."""
     method, teacher_net, frozen = methods.of(config), None, {}
     if method.uses_teacher(config):
         teacher_net, _, frozen["teacher"] = teacher.load_teacher(config.teacher, mesh)
         logging.info("Teacher: %s", config.teacher.workdir)
     if method.uses_loss_distance and config.loss.distance == "lpips":
         params = lpips.load_lpips_params(config.loss.lpips_vgg_path)
-        frozen["lpips"] = jax.device_put(params, replicated(mesh))
+        frozen["lpips"] = jax.device_put(params, shardings(params, mesh))
     return teacher_net, frozen
 
 
@@ -407,7 +431,7 @@ def train_and_evaluate(config, workdir, hooks=()):
     with workdir_lock.acquire(workdir):
         saved = config_checks.read_saved_config(workdir)
         changes = config_checks.check_resume(saved, config) if saved else {}
-        mesh = create_mesh()
+        mesh = config_mesh(config)
         net = models.create_model(config.model)
         tx, lr_schedule = optim.make_optimizer(config.optim)
         teacher_net, frozen = load_frozen_networks(config, mesh)

@@ -272,6 +272,11 @@ def base_config():
         nonfinite="stop",
         allow_config_change=False,  # Resume although the math-relevant config changed.
     )
+    # Where the state lives: a ("data", "fsdp") device mesh. fsdp > 1 splits θ, the optimizer
+    # state, θ⁻, the EMAs and the frozen teacher/LPIPS weights over that many devices (fully
+    # sharded data parallelism); data = device count / fsdp. The math is the same for every
+    # fsdp, and a checkpoint resumes with any (README "Sharding").
+    c.mesh = dict(fsdp=1)
     return c
 
 

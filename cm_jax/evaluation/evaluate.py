@@ -26,7 +26,7 @@ from absl import logging
 
 from cm_jax import data, distributed, metric_logging, progress
 from cm_jax.evaluation import classifier, fid, inception
-from cm_jax.train_state import batch_sharding, create_mesh, replicated
+from cm_jax.train_state import batch_sharding, config_mesh, create_mesh, replicated
 
 RESIZE_CONVENTION = "tf1_bilinear_299_no_half_pixel_centers"
 PR_NEIGHBOURS = 3  # k of precision/recall, as guided-diffusion's evaluator
@@ -492,7 +492,7 @@ def make_fid_hook(config):
     from cm_jax.train_state import ema_key
 
     ref_pool3, _ = _load_reference(config.eval.ref_stats)
-    mesh = create_mesh()
+    mesh = config_mesh(config)  # The training run's: its EMA is sampled where it lives.
     extractor = FeatureExtractor(mesh, config.eval.inception_path or None, config.eval.batch_size)
     net = models.create_model(config.model)
     rate, s = config.train.ema_rates[0], config.sample
