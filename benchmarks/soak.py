@@ -75,7 +75,9 @@ def _unfinished_saves(workdir):
 def _kill_after_compile(workdir, data, num_steps, log, delay):
     """Start a run, SIGKILL it `delay` seconds after its train step compiled (or when it ends
     first). Returns (killed, saves left unfinished by the kill)."""
-    proc = subprocess.Popen(_command(workdir, data), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        _command(workdir, data, num_steps), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
     log_path = log.name
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:

@@ -8,14 +8,16 @@ train step exactly as `launch.py` does, feeds it through the real input pipeline
 in-memory dataset of random images, so no data files are needed), and reports compile time,
 milliseconds per step, images/s, the FLOPs per step (XLA's count on the HLO) and the achieved
 TFLOP/s. One JSON line per measurement goes to --out. `--tiny` swaps in the CPU test model, to
-check the script; `--count-only` only counts FLOPs (runs on a CPU).
+check the script; `--count-only` only counts FLOPs, on shapes alone (runs on a CPU, allocating
+no state).
 
 Recipes: ct (l2), ict, edm (the diffusion teacher), cd (configs/cifar10_cd_l2.py: a Heun step
 of a frozen EDM teacher per example), pd (configs/cifar10_pd.py: two Euler half-steps of the
 teacher θ⁻ held in the state), ect (configs/cifar10_ect.py: a student and a stop-gradient
 target pass), sct and scd (configs/cifar10_{sct,scd}.py: sCM's online pass and a JVP of the
 stop-gradient network, plus the teacher's velocity for scd), and the ImageNet-64 runs on ADM
-at 64×64: edm64, cd64 and ct64 (both with l2).
+at 64×64: edm64, cd64 and ct64 (both with l2), and LSUN-256 CD on its 526M ADM: cd256
+(with l2).
 The teachers are randomly initialised networks of the student's architecture, passed to the
 step exactly as `trainer.train_and_evaluate` passes a trained one (`frozen={"teacher": params}`
 and `teacher_net` for cd and scd; θ⁻ for pd; the starting θ for ect), so the step's
@@ -55,6 +57,7 @@ from configs import (
     imagenet64_cd,
     imagenet64_ct,
     imagenet64_edm,
+    lsun256_cd,
 )
 
 RECIPES = {
@@ -69,8 +72,9 @@ RECIPES = {
     "edm64": imagenet64_edm,
     "cd64": imagenet64_cd,
     "ct64": imagenet64_ct,
+    "cd256": lsun256_cd,
 }
-LPIPS_RECIPES = ("ct", "cd64", "ct64")  # timed with l2: LPIPS needs the VGG16 file
+LPIPS_RECIPES = ("ct", "cd64", "ct64", "cd256")  # timed with l2: LPIPS needs the VGG16 file
 TEACHER_SEED = 1  # the random teacher's initialiser key (the student's own init uses train.seed)
 
 
@@ -131,11 +135,47 @@ def random_teacher(config, net, mesh):
     return net, frozen, trainer.initial_student(config, net, frozen)
 
 
+def count_flops(config, net, tx, lr, mesh):
+    """XLA's FLOP count of the train step, lowered on shapes alone: no state, teacher or batch
+    is allocated, so a 526M-parameter LSUN step is counted on a small machine. The frozen
+    teacher is there where the loss reads it (CD, sCD); PD's is θ⁻, in the state."""
+    method = methods.of(config)
+    teacher_net, frozen = None, {}
+    if method.uses_teacher(config):
+        teacher_net = net
+        if method.distills:
+            key = jax.random.PRNGKey(TEACHER_SEED)
+            shapes = jax.eval_shape(lambda: train_state.init_params(config, net, key))
+            frozen["teacher"] = uncertainty.split(shapes)[0]
+    step_fn = trainer.make_train_step(config, net, tx, lr, mesh, teacher_net)
+    state = train_state.abstract_train_state(config, net, tx, mesh)
+    size, rows = config.data.image_size, config.train.batch_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((rows, size, size, 3), np.float32),
+        "label": jax.ShapeDtypeStruct((rows,), np.int32),
+    }
+    cost = step_fn.lower(state, batch, frozen).cost_analysis()
+    if not cost:
+        raise SystemExit(
+            f"{jax.default_backend()}: XLA gives no FLOP count here; "
+            "run --count-only with JAX_PLATFORMS=cpu"
+        )
+    return float(cost["flops"])
+
+
 def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False, overrides=()):
     config = recipe_config(recipe, dtype, batch, tiny, overrides)
     mesh = train_state.create_mesh()
     net = models.create_model(config.model)
     tx, lr = optim.make_optimizer(config.optim)
+    if count_only:
+        return {
+            "recipe": recipe,
+            "dtype": dtype,
+            "batch": batch,
+            "tflop_per_step": round(count_flops(config, net, tx, lr, mesh) / 1e12, 3),
+            **override_fields(overrides, recipe),
+        }
     teacher_net, frozen, initial = random_teacher(config, net, mesh)
     state = train_state.init_train_state(config, net, tx, mesh, initial_params=initial)
     step_fn = trainer.make_train_step(config, net, tx, lr, mesh, teacher_net)
@@ -152,19 +192,6 @@ def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False, overrid
         # the FLOP fields empty, and `--count-only` on a CPU supplies them.
         cost = lowered.cost_analysis()
         flops = float(cost["flops"]) if cost else None
-        if count_only:
-            if flops is None:
-                raise SystemExit(
-                    f"{jax.default_backend()}: XLA gives no FLOP count here; "
-                    "run --count-only with JAX_PLATFORMS=cpu"
-                )
-            return {
-                "recipe": recipe,
-                "dtype": dtype,
-                "batch": batch,
-                "tflop_per_step": round(flops / 1e12, 3),
-                **override_fields(overrides, recipe),
-            }
         start = time.perf_counter()
         lowered.compile()
         compile_s = time.perf_counter() - start

@@ -55,11 +55,12 @@ import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from absl import logging
 from array_record.python import array_record_module
 from PIL import Image
-from tqdm import tqdm
 
 from cm_jax import data, data_arrayrecord
+from cm_jax import progress as progress_lib
 
 # ----------------------------------------------------------------------------------------
 # Image preparation
@@ -338,7 +339,7 @@ def convert(
             )
         items = source.items()
         prepare = functools.partial(_prepare_record, settings=settings, image_shape=image_shape)
-        with tqdm(total=todo, unit="img", desc=settings.split, disable=not progress) as bar:
+        with progress_lib.Progress(todo, "img", settings.split, enabled=progress) as bar:
             for k, shard in enumerate(shards):
                 shard_items = itertools.islice(items, _shard_length(k, settings, source))
                 if markers[shard]:
@@ -552,6 +553,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_workers", type=int, default=0, help="threads; 0: one per CPU")
     parser.add_argument("--tfds_data_dir", default="", help="tfds data_dir for tfds:NAME")
     args = parser.parse_args(argv)
+    logging.set_verbosity(logging.INFO)  # the progress lines of a run whose output is a file
     settings = Settings(
         args.split, args.image_size, args.crop, args.num_channels, args.encoding, args.shard_size
     )

@@ -45,11 +45,11 @@ class Progress:
             progress.update(len(batch))
     """
 
-    def __init__(self, total, unit, desc, initial=0, interval=30.0, terminal=None):
+    def __init__(self, total, unit, desc, initial=0, interval=30.0, terminal=None, enabled=True):
         self.total, self.unit, self.desc, self.interval = total, unit, desc, interval
         self.done = self.initial = initial
         self.start = self.last_report = time.perf_counter()
-        self.enabled = jax.process_index() == 0
+        self.enabled = enabled and jax.process_index() == 0
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.bar, self._redirected, self._finished_reported = None, None, False
         if self.enabled and self.terminal:

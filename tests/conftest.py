@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from subprocess_env import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "cm_jax_jit")
@@ -78,3 +80,34 @@ def cifar10_dir():
     if folder is None:
         pytest.skip("shared/data/cifar10 is not beside this checkout")
     return folder
+
+
+# The longest test files, longest first (`--durations=0` of the whole suite): started first,
+# they run beside the many short tests instead of after them, which keeps the two CI workers
+# busy to the end.
+LONGEST_FIRST = (
+    "test_multihost.py",
+    "test_evaluate.py",
+    "test_safety.py",
+    "test_end_to_end.py",
+    "test_soak.py",
+    "test_fsdp.py",
+    "test_trainer.py",
+    "test_scm.py",
+    "test_progressive_distillation.py",
+    "test_generate.py",
+    "test_imagenet64.py",
+)
+# Files whose module fixtures are expensive (a trained run, a two-process reference, trained
+# FSDP states): with `--dist loadgroup` (README) each stays on one worker, so they are made
+# once; every other test goes to whichever worker is free.
+ONE_WORKER = ("test_multihost.py", "test_evaluate.py", "test_fsdp.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
+    for item in items:
+        if item.path.name in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))

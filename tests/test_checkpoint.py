@@ -97,13 +97,12 @@ DAMAGE = {
 }
 
 
-def _warnings(caplog):
-    """cm_jax.checkpoint's warnings (orbax adds its own, e.g. about slow saves under load)."""
+def _warnings(caplog, module="checkpoint.py"):
+    """cm_jax.<module>'s warnings (orbax adds its own, e.g. about slow saves under load)."""
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno >= logging.WARNING
-        and r.pathname.endswith(os.path.join("cm_jax", "checkpoint.py"))
+        if r.levelno >= logging.WARNING and r.pathname.endswith(os.path.join("cm_jax", module))
     ]
 
 
@@ -501,7 +500,7 @@ def test_lock_is_shared_within_a_process_and_released_by_the_last_handle(tmp_pat
 def test_lock_is_skipped_on_object_storage_and_on_other_processes(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     assert workdir_lock.acquire("gs://bucket/run", process_index=0).path is None
-    (message,) = _warnings(caplog)
+    (message,) = _warnings(caplog, "workdir_lock.py")
     assert "gs://bucket/run" in message and "skipped" in message
     assert workdir_lock.acquire(tmp_path, process_index=1).path is None
     assert not (tmp_path / ".lock").exists()

@@ -9,9 +9,10 @@ import sys
 import time
 
 import numpy as np
+from subprocess_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 120
+NUM_STEPS = 60
 
 
 def _command(workdir, data_dir):
@@ -22,16 +23,16 @@ def _command(workdir, data_dir):
         f"--workdir={workdir}",
         f"--config.data.dir={data_dir}",
         f"--config.train.num_steps={NUM_STEPS}",
-        "--config.train.save_every=10",
-        "--config.train.log_every=10",
-        "--config.train.sample_every=60",
+        "--config.train.save_every=5",
+        "--config.train.log_every=5",
+        "--config.train.sample_every=30",
         "--config.train.keep_checkpoints=2",
     ]
 
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # a sharded run
+    env["XLA_FLAGS"] = xla_flags(2)  # a sharded run
     return env
 
 
@@ -112,7 +113,7 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_shards):
     for name in ("params", "target_params", "ema_params", "opt_state"):
         for x, y in zip(_leaves(getattr(a, name)), _leaves(getattr(b, name)), strict=True):
             np.testing.assert_array_equal(x, y, err_msg=name)
-    assert os.path.exists(os.path.join(reference, "samples", f"step_{60:08d}.png"))
+    assert os.path.exists(os.path.join(reference, "samples", f"step_{30:08d}.png"))
     rows = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
     assert rows[-1]["step"] == NUM_STEPS and np.isfinite(rows[-1]["loss"])
 

@@ -24,11 +24,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from subprocess_env import xla_flags
 
 from cm_jax import runs, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 40
+STEPS = 24
 TRAIN_FLAGS = (
     "--config=configs/cifar10_ict.py:test",
     f"--config.train.num_steps={STEPS}",
@@ -54,7 +55,7 @@ _SESSION_CACHES = tempfile.mkdtemp(prefix="cm_jax_multihost_jit_")
 def _env(devices, cache_name):
     return dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=os.path.join(_SESSION_CACHES, cache_name),
     )

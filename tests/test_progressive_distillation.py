@@ -248,7 +248,8 @@ def test_distil_a_trained_teacher_and_sample_the_student(teacher_workdir, tiny_s
     images, _ = gen.sample(3, batch_size=8)
     z = sampling.sample_noise(0, np.arange(3), gen.image_shape)
     expected = data.to_uint8(sampling.pd_sample(gen.net, gen.params, z, num_steps=1))
-    np.testing.assert_array_equal(images, np.asarray(expected))
+    # The sharded sampling program and the plain call round alike to within one level of 255.
+    assert np.abs(images.astype(int) - np.asarray(expected).astype(int)).max() <= 1
     with pytest.raises(ValueError, match="Editing needs a consistency model"):
         gen.edit("denoising", images, sigmas=(1.0,))
 

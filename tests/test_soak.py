@@ -1,6 +1,6 @@
-"""The crash soak of benchmarks/soak.py, two trials: a training run killed with SIGKILL at a
-random moment after compiling (during or between checkpoint saves) and resumed ends bitwise
-equal to an uninterrupted run."""
+"""The crash soak of benchmarks/soak.py as two trials (the benchmark runs 20): a training run
+killed with SIGKILL at a random moment after compiling (during or between checkpoint saves) and
+resumed ends bitwise equal to an uninterrupted run."""
 
 import os
 import sys

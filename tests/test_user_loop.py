@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from subprocess_env import xla_flags
 
 from cm_jax import trainer
 from cm_jax.generate import Generator
@@ -23,7 +24,7 @@ def _launch(*flags, timeout=600):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        env=dict(os.environ, XLA_FLAGS=xla_flags(2)),
     )
 
 
