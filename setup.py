@@ -35,6 +35,6 @@ setup(
             "tensorboard",
             "importlib_resources",
         ],
-        "test": ["pytest", "pytest-xdist", "ruff==0.17.6"],
+        "test": ["pytest", "pytest-xdist>=2.5", "ruff==0.17.6"],
     },
 )
