@@ -36,6 +36,27 @@ _ITEM_HANDLERS = {
 # Multiplying the position by an odd constant is a bijection mod 2^32: every position of an array
 # (up to 2^32 values) gets its own weight, so two values that trade places change the sum.
 _POSITION_MULTIPLIER = np.uint32(0x9E3779B1)
+# On CPU and TPU orbax splits every replicated array among its replicas, each writing a piece:
+# one eager slice per array and replica, compiled once per shape. A train state holds hundreds
+# to thousands of small arrays (a bias, a norm scale), where that costs more than the write.
+# A 48k-parameter state of 946 arrays on 8 CPU devices: a save blocked training 3.5 s (17 s the
+# first time) and took 8-9 s in all; with pieces under this size written whole, 0.7 s and 3.2 s.
+# Arrays whose pieces reach it (a large model's kernels) are still written in parallel.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_replica_parallel_for_large_arrays_only():
+    """Replaces orbax's jax.Array handler by one with MIN_REPLICA_SLICE_BYTES, keeping its
+    array-metadata store (where this orbax version has one)."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_use_replica_parallel_for_large_arrays_only()
 
 
 class CheckpointError(RuntimeError):

@@ -456,7 +456,7 @@ def train_and_evaluate(config, workdir, hooks=()):
             step_fn = make_train_step(config, net, tx, lr_schedule, mesh, teacher_net)
             train_step = lambda state, batch: step_fn(state, batch, frozen)
             sample_fn = make_sample_fn(config, net) if config.train.sample_every else None
-            writer = metric_logging.create_writer(workdir)
+            writer = metric_logging.create_writer(workdir, tensorboard=config.train.tensorboard)
             writer.write_config(config, step=int(state.step))
             try:
                 _loop(

@@ -267,6 +267,9 @@ def base_config():
         seed=42,
         fid_every=0,  # > 0: FID of the first EMA every so many steps (needs eval.ref_stats)
         fid_num_samples=10_000,
+        # TensorBoard events in workdir/tensorboard/ (needs TensorFlow, whose import takes ~7 s
+        # on a CPU host); False keeps metrics.jsonl and the console only.
+        tensorboard=True,
         # A step whose loss or gradients are not finite: stop (an error naming the step and the
         # newest good checkpoint; nothing non-finite is ever saved) | skip (drop that update).
         nonfinite="stop",

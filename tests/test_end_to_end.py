@@ -27,6 +27,7 @@ def _command(workdir, data_dir):
         "--config.train.log_every=5",
         "--config.train.sample_every=30",
         "--config.train.keep_checkpoints=2",
+        "--config.train.tensorboard=False",  # TensorFlow's import would add ~7 s to each start.
     ]
 
 
@@ -116,6 +117,7 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_shards):
     assert os.path.exists(os.path.join(reference, "samples", f"step_{30:08d}.png"))
     rows = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
     assert rows[-1]["step"] == NUM_STEPS and np.isfinite(rows[-1]["loss"])
+    assert not os.path.exists(os.path.join(reference, "tensorboard"))  # train.tensorboard=False
 
 
 def _leaves(tree):
