@@ -82,12 +82,12 @@ def cifar10_dir():
     return folder
 
 
-# The README's test command runs whole files on a worker (`--dist loadfile`), so the costly
-# module fixtures (a trained run, a two-process reference, trained FSDP states) are made once.
-# (xdist 3.8's `--dist loadgroup` does not group under pytest 9.2, which no longer reads the
-# node id xdist rewrites.) The longest files (`--durations=0` of the whole suite) go first, and
-# `--no-loadscope-reorder` keeps that order (xdist would start the files with the most tests),
-# so they run beside the many short ones instead of after them and both workers stay busy.
+# The longest test files, longest first (`--durations=0` of the whole suite): started first,
+# they run beside the many short tests instead of after them, which keeps both workers busy.
+# Under pytest 9.2, xdist 3.8's `--dist loadgroup` (the README's command) hands out the tests one
+# by one: it cannot group them, as pytest no longer reads the node id xdist rewrites. Whole files
+# per worker were slower on 2 cores: `--dist loadfile` took 45 min against 31 min test by test,
+# and with `--no-loadscope-reorder` it was further behind when stopped. CI keeps test by test.
 LONGEST_FIRST = (
     "test_multihost.py",
     "test_evaluate.py",
