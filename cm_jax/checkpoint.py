@@ -39,8 +39,9 @@ _POSITION_MULTIPLIER = np.uint32(0x9E3779B1)
 # On CPU and TPU orbax splits every replicated array among its replicas, each writing a piece:
 # one eager slice per array and replica, compiled once per shape. A train state holds hundreds
 # to thousands of small arrays (a bias, a norm scale), where that costs more than the write.
-# A 48k-parameter state of 946 arrays on 8 CPU devices: a save blocked training 3.5 s (17 s the
-# first time) and took 8-9 s in all; with pieces under this size written whole, 0.7 s and 3.2 s.
+# A 48k-parameter state of 946 arrays on 8 CPU devices: a save blocked training 3.0-3.5 s (19 s
+# the first time) and took 8 s in all; with pieces under this size written whole, 0.6-1.2 s and
+# 3.3 s (benchmarks/checkpoint_save.py, BENCHMARKS.md).
 # Arrays whose pieces reach it (a large model's kernels) are still written in parallel.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 

@@ -83,8 +83,8 @@ def fast_trace_sqrtm():
     """FID's matrix square root replaced by one with the same trace, which is all FID reads:
     diag(√λ) over the eigenvalues λ of the product (the principal root's eigenvalues are the
     principal roots of the product's). scipy's Schur-based `sqrtm` of a 2048 × 2048 product
-    takes 17-25 s on a 2-core CI machine, `eigvals` about 4 s (`eigh` under 1 s where the
-    product is symmetric, as against this module's stand-in reference, sigma = I). These tests
+    takes 17-25 s on a 2-core CI machine, `eigvals` about 4 s (`eigvalsh` where the product is
+    symmetric, as against this module's stand-in reference, sigma = I). These tests
     check the plumbing around the metric; `sqrtm` itself is tested in test_fid_metrics.py."""
 
     def sqrtm(matrix):
