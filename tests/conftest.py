@@ -84,10 +84,6 @@ def cifar10_dir():
 
 # The longest test files, longest first (`--durations=0` of the whole suite): started first,
 # they run beside the many short tests instead of after them, which keeps both workers busy.
-# Under pytest 9.2, xdist 3.8's `--dist loadgroup` (the README's command) hands out the tests one
-# by one: it cannot group them, as pytest no longer reads the node id xdist rewrites. Whole files
-# per worker were slower on 2 cores: `--dist loadfile` took 45 min against 31 min test by test,
-# and with `--no-loadscope-reorder` it was further behind when stopped. CI keeps test by test.
 LONGEST_FIRST = (
     "test_multihost.py",
     "test_evaluate.py",
@@ -102,8 +98,43 @@ LONGEST_FIRST = (
     "test_imagenet64.py",
 )
 
+# Under `--dist loadgroup` (the README's command) these files' tests run on one worker, one
+# after another; every other test goes to whichever worker is free.
+# - "launches": tests that start several training processes at once (two per pod test). Two
+#   such tests side by side put 4+ compiling processes on CI's 2 cores.
+# - "evaluate" and "fsdp": their module fixtures (a trained run, trained FSDP states) are
+#   made once instead of once per worker.
+ONE_WORKER = {
+    "test_multihost.py": "launches",
+    "test_end_to_end.py": "launches",
+    "test_soak.py": "launches",
+    "test_evaluate.py": "evaluate",
+    "test_fsdp.py": "fsdp",
+}
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` grouped by ONE_WORKER (xdist's hook for a custom scheduler). xdist
+    3.8's own loadgroup cannot group under pytest 9.2: it marks the group in the node id, which
+    pytest no longer lets a plugin rewrite, so it handed the tests out one by one."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    # Groups in collection order (LONGEST_FIRST), not xdist's largest-count-first: the
+    # "launches" group, the longest, has fewer tests than "fsdp" and would start third.
+    config.option.loadscopereorder = False
+
+    class OneWorkerGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            file_name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return ONE_WORKER.get(file_name, nodeid)
+
+    return OneWorkerGroups(config, log)

@@ -12,7 +12,7 @@ import numpy as np
 from subprocess_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 60
+NUM_STEPS = 30
 
 
 def _command(workdir, data_dir):
@@ -25,7 +25,7 @@ def _command(workdir, data_dir):
         f"--config.train.num_steps={NUM_STEPS}",
         "--config.train.save_every=5",
         "--config.train.log_every=5",
-        "--config.train.sample_every=30",
+        "--config.train.sample_every=15",
         "--config.train.keep_checkpoints=2",
         "--config.train.tensorboard=False",  # TensorFlow's import would add ~7 s to each start.
     ]
@@ -114,7 +114,7 @@ def test_interrupted_runs_resume_exactly(tmp_path, tiny_shards):
     for name in ("params", "target_params", "ema_params", "opt_state"):
         for x, y in zip(_leaves(getattr(a, name)), _leaves(getattr(b, name)), strict=True):
             np.testing.assert_array_equal(x, y, err_msg=name)
-    assert os.path.exists(os.path.join(reference, "samples", f"step_{30:08d}.png"))
+    assert os.path.exists(os.path.join(reference, "samples", f"step_{15:08d}.png"))
     rows = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
     assert rows[-1]["step"] == NUM_STEPS and np.isfinite(rows[-1]["loss"])
     assert not os.path.exists(os.path.join(reference, "tensorboard"))  # train.tensorboard=False

@@ -29,7 +29,7 @@ from subprocess_env import xla_flags
 from cm_jax import runs, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 24
+STEPS = 16  # Kill after step 4's save, SIGTERM after step 8's: ~6 steps before the end.
 TRAIN_FLAGS = (
     "--config=configs/cifar10_ict.py:test",
     f"--config.train.num_steps={STEPS}",
