@@ -4,7 +4,8 @@ own jax.Array handler (every replicated array split among its replicas) and with
 
     python benchmarks/checkpoint_save.py --devices 8 --saves 4
 
-Builds the train state of `configs/cifar10_ict.py:test` (a 48,763-parameter NCSN++; its state
+Builds the train state of `configs/cifar10_ict.py:test` with a two-level NCSN++ (the `:test`
+network until 2026-12-02: 48,763 parameters, nf 8, ch_mult (1, 2), attention at 8; its state
 holds 946 arrays: θ, θ⁻, two EMAs, Adam's moments) replicated over `--devices` fake CPU devices,
 then saves it `--saves` times with each handler into a fresh folder and prints, per save, the
 blocking time (`Checkpointer.save` returning) and the total (after `wait()`).
@@ -49,6 +50,7 @@ def main():
     from configs import cifar10_ict
 
     config = cifar10_ict.get_config("test")
+    config.model.update(ch_mult=(1, 2), attn_resolutions=(8,))  # The figures' network.
     mesh = train_state.create_mesh(jax.devices())
     net = models.create_model(config.model)
     tx, _ = optim.make_optimizer(config.optim)

@@ -35,7 +35,7 @@ FLAGS = (
 )
 
 
-def _command(workdir, data, num_steps):
+def _command(workdir, data, num_steps, extra_flags=()):
     """data: (folder of npz shards, their image size)."""
     folder, size = data
     return [
@@ -46,14 +46,13 @@ def _command(workdir, data, num_steps):
         f"--workdir={workdir}",
         f"--config.data.dir={folder}",
         f"--config.data.image_size={size}",
+        *extra_flags,
     ]
 
 
-def _run_to_end(workdir, data, num_steps, log):
+def _run_to_end(command, log):
     """Run (or resume) until the run exits; its return code."""
-    return subprocess.run(
-        _command(workdir, data, num_steps), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-    ).returncode
+    return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def _state_arrays(workdir):
@@ -72,12 +71,10 @@ def _unfinished_saves(workdir):
     return [n for n in os.listdir(folder) if "tmp" in n] if os.path.isdir(folder) else []
 
 
-def _kill_after_compile(workdir, data, num_steps, log, delay):
+def _kill_after_compile(command, workdir, log, delay):
     """Start a run, SIGKILL it `delay` seconds after its train step compiled (or when it ends
     first). Returns (killed, saves left unfinished by the kill)."""
-    proc = subprocess.Popen(
-        _command(workdir, data, num_steps), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     log_path = log.name
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -93,24 +90,40 @@ def _kill_after_compile(workdir, data, num_steps, log, delay):
     return True, _unfinished_saves(workdir)
 
 
-def run_trials(trials, data, root, seed=0, max_delay=4.0, num_steps=24, report=print):
+def run_trials(
+    trials,
+    data,
+    root,
+    seed=0,
+    max_delay=4.0,
+    num_steps=24,
+    report=print,
+    reference=None,
+    extra_flags=(),
+):
     """Runs the reference and `trials` kill-and-resume trials under `root` on data = (npz
-    folder, image size); returns the tally."""
+    folder, image size); returns the tally.
+
+    reference: the workdir of an uninterrupted run of the same training, to use instead of
+    running one; extra_flags: launch.py flags added to every run of the trials."""
     import numpy as np
 
     rng = random.Random(seed)
-    reference = os.path.join(root, "reference")
-    with open(os.path.join(root, "reference.log"), "w") as log:
-        if _run_to_end(reference, data, num_steps, log) != 0:
-            raise RuntimeError(f"the reference run failed: see {log.name}")
+    if reference is None:
+        reference = os.path.join(root, "reference")
+        with open(os.path.join(root, "reference.log"), "w") as log:
+            command = _command(reference, data, num_steps, extra_flags)
+            if _run_to_end(command, log) != 0:
+                raise RuntimeError(f"the reference run failed: see {log.name}")
     expected = _state_arrays(reference)
     tally = {"trials": 0, "clean_resumes": 0, "mismatches": 0, "killed_in_save": 0, "not_killed": 0}
     for trial in range(trials):
         workdir = os.path.join(root, f"trial_{trial}")
         delay = rng.uniform(0.0, max_delay)
         with open(os.path.join(root, f"trial_{trial}.log"), "w") as log:
-            killed, unfinished = _kill_after_compile(workdir, data, num_steps, log, delay)
-            code = _run_to_end(workdir, data, num_steps, log)
+            command = _command(workdir, data, num_steps, extra_flags)
+            killed, unfinished = _kill_after_compile(command, workdir, log, delay)
+            code = _run_to_end(command, log)
         got = _state_arrays(workdir) if code == 0 else {}
         equal = (
             code == 0

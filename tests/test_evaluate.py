@@ -83,16 +83,26 @@ def fast_trace_sqrtm():
     """FID's matrix square root replaced by one with the same trace, which is all FID reads:
     diag(√λ) over the eigenvalues λ of the product (the principal root's eigenvalues are the
     principal roots of the product's). scipy's Schur-based `sqrtm` of a 2048 × 2048 product
-    takes 17-25 s on a 2-core CI machine, `eigvals` about 4 s (`eigvalsh` where the product is
-    symmetric, as against this module's stand-in reference, sigma = I). These tests
-    check the plumbing around the metric; `sqrtm` itself is tested in test_fid_metrics.py."""
+    takes 17-25 s on a 2-core CI machine, `eigvals` 4-5 s. The covariances here are of a few
+    images, so their product has low rank r and maps everything into its column space: its
+    nonzero eigenvalues are those of its r × r restriction to that space (a product of full
+    rank falls back to all 2048). These tests check the plumbing around the metric; `sqrtm`
+    itself is tested in test_fid_metrics.py."""
+    sketch_size = 64
+
+    def eigenvalues(matrix):
+        if np.array_equal(matrix, matrix.T):
+            return np.linalg.eigvalsh(matrix).astype(complex)
+        return np.linalg.eigvals(matrix).astype(complex)
 
     def sqrtm(matrix):
-        if np.array_equal(matrix, matrix.T):
-            values = np.linalg.eigvalsh(matrix).astype(complex)
-        else:
-            values = np.linalg.eigvals(matrix).astype(complex)
-        return np.diag(np.sqrt(values))
+        sketch = matrix @ np.random.default_rng(0).standard_normal((len(matrix), sketch_size))
+        basis, singular, _ = np.linalg.svd(sketch, full_matrices=False)
+        rank = int(np.sum(singular > singular[0] * 1e-10))
+        if rank < sketch_size:  # The column space is found whole.
+            basis = basis[:, :rank]
+            return np.diag(np.sqrt(eigenvalues(basis.T @ matrix @ basis)))
+        return np.diag(np.sqrt(eigenvalues(matrix)))
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fid, "_sqrtm", sqrtm)

@@ -3,7 +3,7 @@ axis train as pure data parallelism does, are really split, move between fsdp si
 checkpoints, and runs trained so are read back by teachers and samplers. On the 8 fake CPU
 devices of conftest.py; two processes for the batch rows.
 
-The `:test` networks are tiny: here arrays are split from 1024 elements on
+The `:test` networks are tiny: here arrays are split from 256 elements on
 (train_state.FSDP_MIN_SIZE, 2^14 in real runs), so that their kernels are. Compiles are few: one
 initialiser per fsdp size tested through `init_train_state` (the others start from the fsdp 1
 state placed by the same rule), one step per fsdp size.
@@ -34,7 +34,7 @@ from cm_jax.generate import Generator
 from configs import cifar10_cd_l2, cifar10_ict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = 1024  # FSDP_MIN_SIZE for the tiny test networks
+SMALL = 256  # FSDP_MIN_SIZE for the tiny test networks
 STEPS = 2
 
 
@@ -177,8 +177,8 @@ def test_the_trained_state_is_split(fsdp):
             assert shard == x.nbytes
     # Every array of a NCSN++ kernel's size is split (θ, θ⁻, both EMAs, Adam's two moments),
     # the count and the rng key are not; the memory table's arithmetic is what the devices hold.
-    kernel = state.params["ResnetBlockBigGANpp_3"]["Conv_0"]["kernel"]
-    assert kernel.shape == (3, 3, 16, 16) and kernel.sharding.spec == P(None, None, None, "fsdp")
+    kernel = state.params["ResnetBlockBigGANpp_0"]["Conv_0"]["kernel"]
+    assert kernel.shape == (3, 3, 8, 8) and kernel.sharding.spec == P(None, None, None, "fsdp")
     assert state.rng.sharding.spec == P() and state.step.sharding.spec == P()
     held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
     assert held == train_state.per_device_bytes(state, fsdp)

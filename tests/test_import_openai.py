@@ -225,6 +225,9 @@ def test_the_imported_network_computes_what_the_torch_unet_does(config_module):
     """The whole network: class-conditional with scale-shift norm (ImageNet 64's kind) and
     unconditional without (LSUN's), at toy size."""
     config = config_module.get_config("test")
+    # Two levels (down- and up-sampling blocks), and 64 channels at the attention: two heads,
+    # whose qkv order the layout decides. The `:test` network has one level and one head.
+    config.model.update(ch_mult=(1, 2), attn_resolutions=(8,))
     sd = openai_state_dict(config.model, 16, random_arrays(7))
     x = random_arrays(8)((2, 3, 16, 16))
     c_noise = np.asarray([-1.5, 0.7], np.float32)  # ¼ ln σ
