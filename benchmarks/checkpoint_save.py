@@ -1,8 +1,10 @@
 """What one checkpoint save costs: the time it blocks training and the whole save, with orbax's
 own jax.Array handler (every replicated array split among its replicas) and with cm_jax's
-(checkpoint.MIN_REPLICA_SLICE_BYTES: only pieces of 1 MiB or more are split).
+(checkpoint.MIN_REPLICA_SLICE_BYTES: only pieces of 1 MiB or more are split); then what one
+verified restore of it costs, and the read of orbax's metadata that a restore skips when the
+checkpoint's digest fits the state.
 
-    python benchmarks/checkpoint_save.py --devices 8 --saves 4
+    python benchmarks/checkpoint_save.py --devices 8 --saves 4 --restores 4
 
 Builds the train state of `configs/cifar10_ict.py:test` with a two-level NCSN++ (the `:test`
 network until 2026-12-02: 48,763 parameters, nf 8, ch_mult (1, 2), attention at 8; its state
@@ -35,10 +37,29 @@ def _time_saves(state, folder, saves):
     return rows
 
 
+def _time_restores(state, folder, restores):
+    """(restore, orbax metadata read) seconds, `restores` times."""
+    from cm_jax import checkpoint
+
+    manager = checkpoint.Checkpointer(folder, keep=2)
+    step = manager.latest_step()
+    rows = []
+    for _ in range(restores):
+        start = time.perf_counter()
+        manager.restore(state)
+        restored = time.perf_counter() - start
+        start = time.perf_counter()
+        manager._stored_layout(step)  # pylint: disable=protected-access
+        rows.append((restored, time.perf_counter() - start))
+    manager.close()
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--saves", type=int, default=4)
+    parser.add_argument("--restores", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -67,6 +88,9 @@ def main():
             rows = _time_saves(state, os.path.join(root, name.replace(" ", "_")), args.saves)
             cells = ", ".join(f"{b:.2f}/{t:.2f}" for b, t in rows)
             print(f"{name:>13}: blocked/total s per save: {cells}")
+        rows = _time_restores(state, os.path.join(root, "cm_jax"), args.restores)
+        cells = ", ".join(f"{r:.2f}/{m:.2f}" for r, m in rows)
+        print(f"restore/orbax metadata read s: {cells}")
 
 
 if __name__ == "__main__":
