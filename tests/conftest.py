@@ -15,18 +15,23 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory):
-    """A folder of two npz train shards of random 16×16 images, the `:test` configs' size."""
-    folder = tmp_path_factory.mktemp("tiny_shards")
-    rng = np.random.default_rng(0)
+def write_random_shards(folder, per_shard, seed=0):
+    """Two npz train shards of `per_shard` random 16×16 images each (the `:test` configs'
+    size) in folder; returns it as a string."""
+    rng = np.random.default_rng(seed)
     for k in range(2):
         np.savez(
             folder / f"train-{k:05d}-of-00002.npz",
-            images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8),
-            labels=rng.integers(0, 10, 40),
+            images=rng.integers(0, 256, (per_shard, 16, 16, 3), dtype=np.uint8),
+            labels=rng.integers(0, 10, per_shard),
         )
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """A folder of two npz train shards of 40 random 16×16 images each."""
+    return write_random_shards(tmp_path_factory.mktemp("tiny_shards"), 40)
 
 
 @pytest.fixture(scope="session")

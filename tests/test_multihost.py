@@ -48,15 +48,9 @@ def _assert_close(a, b, atol):
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
     """Two npz shards of 8 random 16×16 images each: the statistics test's train split."""
-    folder = tmp_path_factory.mktemp("small_shards")
-    rng = np.random.default_rng(1)
-    for k in range(2):
-        np.savez(
-            folder / f"train-{k:05d}-of-00002.npz",
-            images=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
-            labels=rng.integers(0, 10, 8),
-        )
-    return folder
+    from conftest import write_random_shards
+
+    return write_random_shards(tmp_path_factory.mktemp("small_shards"), 8, seed=1)
 
 
 def _preempted_steps(procs):
