@@ -67,7 +67,8 @@ def main():
     import jax
     import orbax.checkpoint as ocp
 
-    from cm_jax import models, optim, train_state
+    # Importing cm_jax.checkpoint registers its handler, so `ours` is read after that import.
+    from cm_jax import checkpoint, models, optim, train_state
     from configs import cifar10_ict
 
     config = cifar10_ict.get_config("test")
@@ -79,6 +80,9 @@ def main():
     print(f"{len(jax.tree.leaves(state))} arrays on {args.devices} devices")
 
     ours = ocp.type_handlers.get_type_handler(jax.Array)
+    min_slice = getattr(ours, "_min_slice_bytes_for_replica_parallel", None)
+    if min_slice != checkpoint.MIN_REPLICA_SLICE_BYTES:
+        sys.exit(f"the registered jax.Array handler is not cm_jax's (min slice {min_slice})")
     orbax_default = ocp.type_handlers.ArrayHandler(
         array_metadata_store=getattr(ours, "_array_metadata_store", None)
     )
