@@ -6,8 +6,8 @@
 For each image size it writes a synthetic ArrayRecord set with `cm_jax.convert_data` (the
 images are smooth random fields plus noise, so PNG has about the work and the compression it
 has on photographs rather than on pure noise), and a 1k-image set of the same kind. Then, each
-in a fresh process so that peak memory is its own, it iterates `data.TrainIterator` over the
-set exactly as the trainer does (a 1-device sharding, random flips, no model) and reports
+in a fresh process so that peak memory is its own, it iterates `input_pipeline.TrainIterator`
+over the set exactly as the trainer does (a 1-device sharding, random flips, no model) and reports
 images/s per host and the peak resident memory, for each number of decode threads
 (`config.data.num_workers`). The 1k-image run is the memory baseline: streaming should cost
 the same memory whatever the dataset size (goal: under 1 GB above it). One JSON line per
@@ -73,14 +73,15 @@ def measure(folder: str, size: int, workers: int, batch: int, seconds: float) ->
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from cm_jax import data
+    from cm_jax import data, input_pipeline
 
     config = types.SimpleNamespace(
         dataset="", dir=folder, split="train", image_size=size, num_channels=3, num_workers=workers
     )
     dataset = data.load_split(config)
     sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
-    with data.TrainIterator(dataset, batch, sharding, 0, seed=0, random_flip=True) as batches:
+    iterator = input_pipeline.TrainIterator(dataset, batch, sharding, 0, seed=0, random_flip=True)
+    with iterator as batches:
         for _ in range(2):  # warm-up: thread start, first compile of the transfer
             next(batches)[1]["image"].block_until_ready()
         start, steps = time.perf_counter(), 0

@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm_jax import data, methods, models, optim, train_state, trainer  # noqa: E402
+from cm_jax import data, input_pipeline, methods, models, optim, train_state, trainer  # noqa: E402
 from cm_jax.models import uncertainty  # noqa: E402
 from configs import (
     cifar10_cd_l2,
@@ -183,7 +183,7 @@ def measure(recipe, dtype, batch, steps, warmup, tiny, count_only=False, overrid
     images = np.random.default_rng(0).integers(0, 256, (8192, size, size, 3), dtype=np.uint8)
     dataset = data.ImageDataset(images, np.zeros(len(images), np.int32))
     sharding = train_state.batch_sharding(mesh)
-    with data.TrainIterator(dataset, batch, sharding, 0, 0, True, prefetch=4) as batches:
+    with input_pipeline.TrainIterator(dataset, batch, sharding, 0, 0, True, prefetch=4) as batches:
         _, batch0 = next(batches)
         lowered = step_fn.lower(state, batch0, frozen)
         # Count FLOPs on the HLO before device compilation: once convolutions become library

@@ -4,7 +4,7 @@
 `data.load_split` comes here when `config.data.dir` holds them. The dataset keeps only the
 shard indices in memory (a few bytes per example), so ImageNet-64 (15.7 GB as uint8) or LSUN
 bedroom at 256² (596 GB) cost each process what its batches cost, and each process reads and
-decodes only the rows it feeds (`data.host_batch` asks for those rows alone).
+decodes only the rows it feeds (`input_pipeline.host_batch` asks for those rows alone).
 
 The module reads top to bottom:
 

@@ -16,8 +16,8 @@ one device: XLA's SPMD partitioner inserts the gradient all-reduce (the loss is 
 global batch) and, under FSDP, the all-gathers of the weights and the reduce-scatter of the
 gradients. With fsdp 1 (the default) everything is replicated, plain data parallelism. The same
 code runs on 1 CPU, 8 fake CPU devices, a GPU, or a TPU pod (each host feeds its rows of the
-global batch; see data.py). With train.microbatches > 1 the gradient is accumulated over slices
-of the batch, for batches whose activations do not fit.
+global batch; see input_pipeline.py). With train.microbatches > 1 the gradient is accumulated
+over slices of the batch, for batches whose activations do not fit.
 """
 
 import signal
@@ -36,6 +36,7 @@ from cm_jax import (
     config_checks,
     data,
     distributed,
+    input_pipeline,
     karras,
     lpips,
     methods,
@@ -506,7 +507,7 @@ def _loop(config, workdir, state, dataset, train_step, sample_fn, ckpt, writer, 
         return
     stop_requested = _StopRequest(first_call=start // tc.steps_per_call)
     guard = _NonfiniteGuard(tc.get("nonfinite", "stop"))
-    iterator = data.TrainIterator(
+    iterator = input_pipeline.TrainIterator(
         dataset,
         tc.batch_size,
         batch_sharding(mesh, tc.steps_per_call),

@@ -12,7 +12,7 @@ from PIL import Image
 pytest.importorskip("grain")
 pytest.importorskip("array_record")
 
-from cm_jax import convert_data, data  # noqa: E402
+from cm_jax import convert_data, data, input_pipeline  # noqa: E402
 
 
 def data_config(folder, split="train", image_size=8, num_channels=3):
@@ -347,6 +347,7 @@ def test_real_cifar10_converted_gives_the_npz_batches(cifar10_dir, tmp_path):
     for step in (0, 77, 156):  # 156 crosses into the second epoch at batch 64
         for process_index in range(2):
             args = (step, 64, 0, True, process_index, 2)
-            expected, got = data.host_batch(npz, *args), data.host_batch(streamed, *args)
+            expected = input_pipeline.host_batch(npz, *args)
+            got = input_pipeline.host_batch(streamed, *args)
             for key in expected:
                 np.testing.assert_array_equal(got[key], expected[key])

@@ -1,9 +1,9 @@
 """Tests for cm_jax.data: loading and validation, the step-indexed order, the iterator."""
 
 import hashlib
+import itertools
 import json
 import os
-import time
 import types
 
 import jax
@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cm_jax import data
+from cm_jax import data, input_pipeline
 
 
 def make_data_config(**overrides):
@@ -257,182 +257,11 @@ def test_real_cifar10_train_split(cifar10_train):
 
 
 def test_real_cifar10_batch(cifar10_train):
-    batch = data.host_batch(cifar10_train, step=123, global_batch_size=64, seed=0, random_flip=True)
+    batch = input_pipeline.host_batch(
+        cifar10_train, step=123, global_batch_size=64, seed=0, random_flip=True
+    )
     assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-
-
-# -- the step-indexed order -------------------------------------------------------------
-
-
-def test_each_epoch_covers_every_example_once():
-    n, b, seed = 100, 7, 3  # batches straddle epoch boundaries
-    stream = np.concatenate([data.batch_indices(s, b, n, seed) for s in range(3 * n // b + 1)])
-    for epoch in range(3):
-        chunk = stream[epoch * n : (epoch + 1) * n]
-        np.testing.assert_array_equal(np.sort(chunk), np.arange(n))
-        np.testing.assert_array_equal(chunk, np.random.default_rng([seed, epoch]).permutation(n))
-    assert not np.array_equal(stream[:n], stream[n : 2 * n])
-
-
-def test_batch_larger_than_dataset_spans_several_epochs():
-    indices = data.batch_indices(1, 25, 10, seed=0)  # positions 25..49: epochs 2, 3, 4
-    expected = np.concatenate([np.random.default_rng([0, e]).permutation(10) for e in range(5)])
-    np.testing.assert_array_equal(indices, expected[25:50])
-
-
-def test_order_depends_on_seed():
-    assert not np.array_equal(
-        data.batch_indices(0, 50, 1000, 0), data.batch_indices(0, 50, 1000, 1)
-    )
-    assert not np.array_equal(data.flip_mask(0, 50, 0), data.flip_mask(0, 50, 1))
-
-
-def test_flips_are_about_half_and_step_indexed():
-    masks = np.stack([data.flip_mask(s, 256, seed=0) for s in range(100)])
-    assert masks.dtype == bool
-    assert 0.48 < masks.mean() < 0.52
-    np.testing.assert_array_equal(data.flip_mask(57, 256, seed=0), masks[57])
-    assert not np.array_equal(masks[0], masks[1])
-
-
-def test_host_batch_applies_flips(small_dataset):
-    step, b = 5, 16
-    batch = data.host_batch(small_dataset, step, b, seed=0, random_flip=True)
-    indices = data.batch_indices(step, b, small_dataset.num_examples, 0)
-    flips = data.flip_mask(step, b, 0)
-    assert 0 < flips.sum() < b
-    expected = small_dataset.images[indices]
-    expected[flips] = expected[flips][:, :, ::-1]
-    np.testing.assert_array_equal(data.to_uint8(batch["image"]), expected)
-    np.testing.assert_array_equal(batch["label"], small_dataset.labels[indices])
-    unflipped = data.host_batch(small_dataset, step, b, seed=0, random_flip=False)
-    np.testing.assert_array_equal(data.to_uint8(unflipped["image"]), small_dataset.images[indices])
-
-
-@pytest.mark.parametrize("process_count", [2, 4, 8])
-def test_process_rows_concatenate_to_the_global_batch(small_dataset, process_count):
-    b = 16
-    full = data.host_batch(small_dataset, 3, b, seed=1, random_flip=True)
-    parts = [
-        data.host_batch(small_dataset, 3, b, 1, True, process_index=i, process_count=process_count)
-        for i in range(process_count)
-    ]
-    for key in full:
-        assert all(len(part[key]) == b // process_count for part in parts)
-        np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), full[key])
-
-
-def test_batch_not_divisible_by_process_count_raises(small_dataset):
-    with pytest.raises(ValueError, match="not divisible by the process count 3"):
-        data.host_batch(small_dataset, 0, 16, 0, True, process_index=0, process_count=3)
-
-
-# -- the iterator -----------------------------------------------------------------------
-
-
-def take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def test_iterator_yields_global_sharded_arrays(small_dataset, batch_mesh):
-    sharding = NamedSharding(batch_mesh, P("data"))
-    with data.TrainIterator(
-        small_dataset, 16, sharding, start_step=0, seed=0, random_flip=True
-    ) as it:
-        step, batch = next(it)
-    assert step == 0
-    assert isinstance(batch["image"], jax.Array)
-    assert batch["image"].shape == (16, 8, 8, 3) and batch["image"].dtype == jnp.float32
-    assert batch["label"].shape == (16,) and batch["label"].dtype == jnp.int32
-    assert batch["image"].sharding == sharding
-    assert len(batch["image"].addressable_shards) == 8
-    assert batch["label"].sharding.spec == P("data")
-
-
-def test_iterator_matches_host_batch_and_resumes_exactly(small_dataset, batch_mesh):
-    sharding = NamedSharding(batch_mesh, P("data", None, None, None))
-    args = dict(global_batch_size=16, sharding=sharding, seed=2, random_flip=True)
-    with data.TrainIterator(small_dataset, start_step=0, **args) as it:
-        uninterrupted = take(it, 7)  # 7 * 16 > 40: crosses epoch boundaries
-    with data.TrainIterator(small_dataset, start_step=4, **args, prefetch=1) as it:
-        resumed = take(it, 3)
-    assert [step for step, _ in uninterrupted] == list(range(7))
-    assert [step for step, _ in resumed] == [4, 5, 6]
-    for (_, expected), (_, got) in zip(uninterrupted[4:], resumed):
-        for key in expected:
-            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
-    for step, batch in uninterrupted:  # fresh pure computation after iterating
-        fresh = data.host_batch(small_dataset, step, 16, 2, True)
-        for key in fresh:
-            np.testing.assert_array_equal(np.asarray(batch[key]), fresh[key])
-
-
-def test_iterator_stacks_steps_for_scan(small_dataset, batch_mesh):
-    sharding = NamedSharding(batch_mesh, P(None, "data"))
-    with data.TrainIterator(
-        small_dataset, 8, sharding, start_step=3, seed=0, random_flip=True, steps_per_call=2
-    ) as it:
-        groups = take(it, 2)
-    assert [step for step, _ in groups] == [3, 5]
-    step, batch = groups[1]
-    assert batch["image"].shape == (2, 8, 8, 8, 3) and batch["label"].shape == (2, 8)
-    assert batch["image"].sharding == sharding
-    for offset in range(2):
-        expected = data.host_batch(small_dataset, step + offset, 8, 0, True)
-        np.testing.assert_array_equal(np.asarray(batch["image"][offset]), expected["image"])
-        np.testing.assert_array_equal(np.asarray(batch["label"][offset]), expected["label"])
-
-
-def test_iterator_close_stops_thread(small_dataset, batch_mesh):
-    sharding = NamedSharding(batch_mesh, P("data"))
-    it = data.TrainIterator(
-        small_dataset, 8, sharding, start_step=0, seed=0, random_flip=False, prefetch=1
-    )
-    next(it)
-    time.sleep(0.2)  # let the producer block on the full queue
-    it.close()
-    assert not it._thread.is_alive()
-    it.close()  # idempotent
-    with pytest.raises(StopIteration):
-        next(it)
-
-
-def test_iterator_surfaces_producer_errors(small_dataset, batch_mesh, monkeypatch):
-    real_host_batch = data.host_batch
-
-    def failing_host_batch(dataset, step, *args, **kwargs):
-        if step == 2:
-            raise OSError("disk on fire")
-        return real_host_batch(dataset, step, *args, **kwargs)
-
-    monkeypatch.setattr(data, "host_batch", failing_host_batch)
-    sharding = NamedSharding(batch_mesh, P("data"))
-    it = data.TrainIterator(small_dataset, 8, sharding, start_step=0, seed=0, random_flip=False)
-    assert [step for step, _ in take(it, 2)] == [0, 1]
-    with pytest.raises(OSError, match="disk on fire"):
-        next(it)
-    assert not it._thread.is_alive()
-    with pytest.raises(OSError, match="disk on fire"):
-        next(it)
-
-
-def test_sharding_check_rejects_sharding_that_misses_process_rows(batch_mesh):
-    # In one process every device is addressable, so any sharding holds all rows; check
-    # against the rows a second of two processes would produce instead.
-    batch_sharded = NamedSharding(batch_mesh, P("data"))
-    data._check_sharding_holds_rows(batch_sharded, (8, 8), 0, slice(0, 8))
-    batch_replicated = NamedSharding(batch_mesh, P(None, "data"))  # shards axis 1 instead
-    with pytest.raises(ValueError, match="produces rows \\[4, 8\\)"):
-        data._check_sharding_holds_rows(batch_replicated, (8, 8), 0, slice(4, 8))
-
-
-def test_iterator_rejects_bad_arguments(small_dataset, batch_mesh):
-    sharding = NamedSharding(batch_mesh, P("data"))
-    with pytest.raises(ValueError, match="prefetch must be >= 1"):
-        data.TrainIterator(small_dataset, 8, sharding, 0, 0, False, prefetch=0)
-    with pytest.raises(ValueError, match="start_step must be >= 0"):
-        data.TrainIterator(small_dataset, 8, sharding, -1, 0, False)
 
 
 # -- tfds -------------------------------------------------------------------------------
@@ -551,8 +380,8 @@ def test_streamed_batches_equal_in_memory_batches(both_kinds, process_count, ran
     for step in range(7):  # 7 * 16 > 40: crosses epoch boundaries
         for process_index in range(process_count):
             args = (step, 16, 5, random_flip, process_index, process_count)
-            expected = data.host_batch(in_memory, *args)
-            got = data.host_batch(streamed, *args)
+            expected = input_pipeline.host_batch(in_memory, *args)
+            got = input_pipeline.host_batch(streamed, *args)
             for key in expected:
                 np.testing.assert_array_equal(got[key], expected[key])
 
@@ -569,8 +398,13 @@ def test_streamed_iterator_equals_in_memory_iterator(both_kinds, batch_mesh, ste
         random_flip=True,
         steps_per_call=steps_per_call,
     )
-    with data.TrainIterator(in_memory, **args) as a, data.TrainIterator(streamed, **args) as b:
-        for (step_a, batch_a), (step_b, batch_b) in zip(take(a, 3), take(b, 3)):
+    with (
+        input_pipeline.TrainIterator(in_memory, **args) as a,
+        input_pipeline.TrainIterator(streamed, **args) as b,
+    ):
+        for (step_a, batch_a), (step_b, batch_b) in zip(
+            itertools.islice(a, 3), itertools.islice(b, 3)
+        ):
             assert step_a == step_b
             assert batch_b["image"].sharding == args["sharding"]
             for key in batch_a:

@@ -24,6 +24,7 @@ from cm_jax import (
     checkpoint,
     config_checks,
     data,
+    input_pipeline,
     models,
     optim,
     runs,
@@ -56,7 +57,7 @@ def _batches(config, mesh, steps):
     images = np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     dataset = data.ImageDataset(images, np.zeros(64, np.int32))
     sharding = train_state.batch_sharding(mesh)
-    with data.TrainIterator(dataset, config.train.batch_size, sharding, 0, 0, True) as it:
+    with input_pipeline.TrainIterator(dataset, config.train.batch_size, sharding, 0, 0, True) as it:
         return [batch for _, (_, batch) in zip(range(steps), it)]
 
 
@@ -152,7 +153,8 @@ def test_microbatches_and_scanned_steps_under_fsdp(monkeypatch):
         images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
         dataset = data.ImageDataset(images, np.zeros(64, np.int32))
         sharding = train_state.batch_sharding(mesh, 2)
-        with data.TrainIterator(dataset, 16, sharding, 0, 0, True, steps_per_call=2) as it:
+        iterator = input_pipeline.TrainIterator(dataset, 16, sharding, 0, 0, True, steps_per_call=2)
+        with iterator as it:
             _, batch = next(it)
         state, metrics = step_fn(state, batch, None)
         kernel = state.params["Conv_0"]["kernel"]  # (3, 3, 3, 8): 216 elements
@@ -279,7 +281,7 @@ sys.path.insert(0, sys.argv[3])
 from cm_jax import distributed
 distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]), timeout_s=120)
 import jax, numpy as np
-from cm_jax import data, train_state
+from cm_jax import data, input_pipeline, train_state
 rng = np.random.default_rng(0)
 dataset = data.ImageDataset(
     rng.integers(0, 256, (32, 4, 4, 3), dtype=np.uint8), np.arange(32, dtype=np.int32)
@@ -289,7 +291,8 @@ out = {}
 for fsdp in (1, 2, 4):
     mesh = train_state.create_mesh(fsdp=fsdp)
     # The iterator checks that this process's devices hold the rows it produces.
-    with data.TrainIterator(dataset, 8, train_state.batch_sharding(mesh), 0, 0, False) as it:
+    sharding = train_state.batch_sharding(mesh)
+    with input_pipeline.TrainIterator(dataset, 8, sharding, 0, 0, False) as it:
         _, batch = next(it)
     w = distributed.to_global(weights, train_state.shardings(weights, mesh))
     total = jax.jit(lambda a: (a * a).sum(), out_shardings=train_state.replicated(mesh))(w)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from toy_networks import TinyNet
 
-from cm_jax import checkpoint, data, lpips, models, optim, train_state, trainer
+from cm_jax import checkpoint, data, input_pipeline, lpips, models, optim, train_state, trainer
 from configs import cifar10_ct, cifar10_edm, cifar10_ict
 
 
@@ -24,7 +24,7 @@ def _batches(config, mesh, steps):
     images = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     dataset = data.ImageDataset(images, np.zeros(64, np.int32))
     sharding = train_state.batch_sharding(mesh, config.train.steps_per_call)
-    with data.TrainIterator(
+    with input_pipeline.TrainIterator(
         dataset,
         config.train.batch_size,
         sharding,
