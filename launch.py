@@ -175,7 +175,7 @@ def main(argv):
         sys.exit(f"launch.py: {e}")
     logging.info("JAX %s, %s", jax.__version__, distributed.describe())
     from cm_jax import generate, trainer
-    from cm_jax.evaluation import evaluate
+    from cm_jax.evaluation import evaluate, search
 
     config = resolve_config(FLAGS.mode, FLAGS.workdir)
     if FLAGS.mode == "train":
@@ -190,7 +190,7 @@ def main(argv):
     elif FLAGS.mode == "eval":
         evaluate.run_eval(config, FLAGS.workdir)
     elif FLAGS.mode == "search":
-        evaluate.run_search(config, FLAGS.workdir)
+        search.run_search(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

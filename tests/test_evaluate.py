@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from cm_jax.evaluation import evaluate, fid
+from cm_jax.evaluation import evaluate, fid, search
 from configs import cifar10_ict
 
 N = 8
@@ -136,11 +136,11 @@ def test_fid_is_logged_during_training(trained_run):
 
 def test_ternary_search_on_integers_and_reals():
     calls = []
-    best, value, values = evaluate.ternary_search(
+    best, value, values = search.ternary_search(
         lambda x: calls.append(x) or (x - 13) ** 2, 1, 38, integer=True
     )
     assert best == 13 and value == 0 and len(calls) == len(set(calls)) < 38
-    best, value, _ = evaluate.ternary_search(
+    best, value, _ = search.ternary_search(
         lambda u: (u - 0.3) ** 2 + 1.0, -3.0, 3.0, integer=False, iterations=30
     )
     assert best == pytest.approx(0.3, abs=1e-3) and value == pytest.approx(1.0, abs=1e-5)
@@ -150,7 +150,7 @@ def test_search_mode_records_every_point_and_the_best(trained_run):
     config, workdir = trained_run
     config = config.copy_and_resolve_references()
     config.search.update(kind="index", num_scales=6, num_samples=4)
-    sigmas, value = evaluate.run_search(config, str(workdir))
+    sigmas, value = search.run_search(config, str(workdir))
     rows = [json.loads(line) for line in open(workdir / "eval" / "search.jsonl")]
     points = {row["x"]: row["fid"] for row in rows if "best" not in row}
     assert set(points) <= {1.0, 2.0, 3.0, 4.0} and len(points) >= 3

@@ -171,15 +171,15 @@ def test_reference_statistics_are_checked_before_sampling(tmp_path):
     keyless = tmp_path / "keyless.npz"
     np.savez(keyless, mean=np.zeros(2048))
     with pytest.raises(ValueError, match=r"keyless.npz lacks \['mu', 'n', 'sigma'\]"):
-        evaluate._load_reference(str(keyless))
+        evaluate.load_reference(str(keyless))
     small = tmp_path / "small.npz"
     np.savez(small, mu=np.zeros(64), sigma=np.eye(64), n=10)
     with pytest.raises(ValueError, match="small.npz holds statistics of shapes"):
-        evaluate._load_reference(str(small))
+        evaluate.load_reference(str(small))
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(small.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated.npz is not a readable npz file"):
-        evaluate._load_reference(str(truncated))
+        evaluate.load_reference(str(truncated))
 
 
 def test_edit_inputs_are_read_before_the_model(tmp_path):

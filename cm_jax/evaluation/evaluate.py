@@ -1,7 +1,7 @@
 """`launch.py --mode=stats` (reference statistics of a dataset split), `--mode=eval` (FID,
 sFID, precision/recall, KID and Inception Score of a run's samples, or of an npz of samples,
-against a reference), `--mode=search` (the two-step time point with the lowest FID) and the FID
-hook of training (`train.fid_every`).
+against a reference) and the FID hook of training (`train.fid_every`); `--mode=search`
+(search.py) measures its FIDs with the same pieces.
 
 Features come from the Flax TF-Inception network (inception.py), sharded over all devices in
 fixed-size batches (one compilation), and are accumulated in float64 as they arrive. FID and
@@ -204,7 +204,7 @@ def sample_stats(
     is in.
     """
     s, chunk = sample_config, chunk or 10 * extractor.batch_size
-    stats, done = ImageStats(_metadata(extractor), keep_features), 0
+    stats, done = ImageStats(feature_metadata(extractor), keep_features), 0
     if progress_path and os.path.exists(progress_path + ".pool3.npz"):
         stats, done = ImageStats.load_progress(progress_path, keep_features)
         logging.info("eval: resuming after %d of %d samples", done, num_samples)
@@ -230,7 +230,7 @@ def _run_tag(row, num_samples):
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def _metadata(extractor, **extra):
+def feature_metadata(extractor, **extra):
     return {"inception_sha1": extractor.weights_sha1(), "resize": RESIZE_CONVENTION, **extra}
 
 
@@ -249,7 +249,7 @@ def run_stats(config, workdir):
         create_mesh(), config.eval.inception_path or None, config.eval.batch_size
     )
     stats = ImageStats(
-        _metadata(
+        feature_metadata(
             extractor,
             dataset=config.data.dataset,
             split=config.data.split,
@@ -291,7 +291,7 @@ def run_stats(config, workdir):
     return path
 
 
-def _load_reference(path):
+def load_reference(path):
     """(pool3 FeatureStats, (mu, sigma) of the spatial features or None) of a reference
     statistics npz, checked whole before anything is sampled: a missing, damaged or foreign
     file is one error naming it."""
@@ -401,7 +401,7 @@ def _npz_images(path):
 
 def _npz_stats(images, extractor, keep_features):
     """Statistics (and features) of the images of an npz."""
-    stats = ImageStats(_metadata(extractor), keep_features)
+    stats = ImageStats(feature_metadata(extractor), keep_features)
     chunk = 10 * extractor.batch_size
     with progress.Progress(len(images), "img", "eval: features") as bar:
         for start in range(0, len(images), chunk):
@@ -441,7 +441,7 @@ def run_eval(config, workdir):
     or of the images in config.eval.samples_npz. A metric that cannot be computed gets a
     string saying why. Appends one JSON line to workdir/eval/metrics.jsonl."""
     e = config.eval
-    ref_pool3, ref_spatial = _load_reference(e.ref_stats)
+    ref_pool3, ref_spatial = load_reference(e.ref_stats)
     ref_features = _load_reference_features(e.ref_stats, ref_pool3)
     # Read before any sampling, so a bad file fails at once.
     weight = classifier.load_classifier(e.classifier_path) if e.classifier_path else None
@@ -468,14 +468,14 @@ def run_eval(config, workdir):
     row["seconds"] = round(time.perf_counter() - start_time, 1)
     logging.info("eval: %s", row)
     if distributed.is_writer():
-        _append_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"), [row])
+        append_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"), [row])
         if "step" in row:  # Scored a checkpoint: beside its training curves.
             scalars = {k: row[k] for k in TENSORBOARD_METRICS if k in row}
             metric_logging.write_eval_scalars(workdir, row["step"], scalars)
     return row
 
 
-def _append_jsonl(path, rows):
+def append_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
@@ -491,7 +491,7 @@ def make_fid_hook(config):
     from cm_jax.generate import Generator
     from cm_jax.train_state import ema_key
 
-    ref_pool3, _ = _load_reference(config.eval.ref_stats)
+    ref_pool3, _ = load_reference(config.eval.ref_stats)
     mesh = config_mesh(config)  # The training run's: its EMA is sampled where it lives.
     extractor = FeatureExtractor(mesh, config.eval.inception_path or None, config.eval.batch_size)
     net = models.create_model(config.model)
@@ -505,106 +505,3 @@ def make_fid_hook(config):
         return {"fid": value}
 
     return config.train.fid_every, fid_of
-
-
-# ---------------------------------------------------------------------- --mode=search
-def ternary_search(objective, lo, hi, integer=True, iterations=12):
-    """Minimise a unimodal objective on [lo, hi]; returns (best x, its value, {x: value}).
-
-    integer=True: over the integers lo..hi, shrinking the bracket by a third per round, then
-    trying what is left (as the official `ternary_search.py` does over grid indices).
-    integer=False: `iterations` rounds on the real interval. Every value is computed once.
-    """
-    values = {}
-
-    def f(x):
-        if x not in values:
-            values[x] = float(objective(x))
-        return values[x]
-
-    if integer:
-        while hi - lo > 2:
-            m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
-            if f(m1) <= f(m2):
-                hi = m2
-            else:
-                lo = m1
-        candidates = range(lo, hi + 1)
-    else:
-        for _ in range(iterations):
-            m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-            if f(m1) <= f(m2):
-                hi = m2
-            else:
-                lo = m1
-        candidates = [(lo + hi) / 2]
-    for x in candidates:
-        f(x)
-    best = min(values, key=values.get)
-    return best, values[best], values
-
-
-def run_search(config, workdir):
-    """--mode=search: the middle time point of two-step sampling that minimises FID.
-
-    search.kind="index": ts = (0, m, N − 1) on the search.num_scales grid, m searched over the
-    integers 1..N − 2 (the official scripts' search). search.kind="sigma": σ's (σ_max, σ),
-    ternary search over ln σ in [search.sigma_lo, search.sigma_hi]. Each FID uses
-    search.num_samples samples; every evaluation and the best go to workdir/eval/search.jsonl.
-    """
-    from cm_jax.generate import Generator
-
-    c, s = config.search, config.sample
-    ref_pool3, _ = _load_reference(config.eval.ref_stats)
-    mesh = create_mesh()
-    extractor = FeatureExtractor(mesh, config.eval.inception_path or None, config.eval.batch_size)
-    gen = Generator(workdir, s.checkpoint_step or None, s.ema_rate or None, list(mesh.devices.flat))
-    sigma_max = gen.grid["sigma_max"]
-    count = {"done": 0}
-
-    def sigmas_of(x):
-        if c.kind == "index":
-            return tuple(
-                float(v)
-                for v in gen.time_points(ts=(0, x, c.num_scales - 1), num_scales=c.num_scales)
-            )
-        return (sigma_max, float(np.exp(x)))
-
-    def fid_of(x):
-        images, _ = gen.sample(
-            c.num_samples, sigmas=sigmas_of(x), seed=s.seed, batch_size=s.batch_size
-        )
-        stats = ImageStats(_metadata(extractor))
-        stats.add(extractor, images)
-        value = fid.fid_from_stats(stats.pool3, ref_pool3)
-        count["done"] += 1
-        logging.info(
-            "search: point %d (%s -> sigmas %s): FID %.4f, %.0f s so far",
-            count["done"],
-            x,
-            sigmas_of(x),
-            value,
-            time.perf_counter() - started,
-        )
-        return value
-
-    started = time.perf_counter()
-
-    if c.kind == "index":
-        best, value, values = ternary_search(fid_of, 1, c.num_scales - 2, integer=True)
-    elif c.kind == "sigma":
-        best, value, values = ternary_search(
-            fid_of, np.log(c.sigma_lo), np.log(c.sigma_hi), integer=False, iterations=c.iterations
-        )
-    else:
-        raise ValueError(f"Unknown search.kind {c.kind!r}: use index or sigma.")
-    common = {"kind": c.kind, "step": gen.step}
-    rows = [
-        {**common, "x": float(x), "sigmas": sigmas_of(x), "fid": v, "num_samples": c.num_samples}
-        for x, v in sorted(values.items())
-    ]
-    rows.append({**common, "best": float(best), "sigmas": sigmas_of(best), "fid": value})
-    if distributed.is_writer():
-        _append_jsonl(os.path.join(workdir, "eval", "search.jsonl"), rows)
-    logging.info("search: best %s (sigmas %s), FID %.4f", best, sigmas_of(best), value)
-    return sigmas_of(best), value
