@@ -231,6 +231,8 @@ def _run_tag(row, num_samples):
 
 
 def feature_metadata(extractor, **extra):
+    """What a statistics file records of how its features were made: the Inception weights'
+    hash and the resize convention, plus `extra`."""
     return {"inception_sha1": extractor.weights_sha1(), "resize": RESIZE_CONVENTION, **extra}
 
 
@@ -476,6 +478,7 @@ def run_eval(config, workdir):
 
 
 def append_jsonl(path, rows):
+    """Appends `rows` to the JSON-lines file `path` (one row per line), making its folder."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
