@@ -1,4 +1,5 @@
-"""Tests for cm_jax.data: loading and validation, the step-indexed order, the iterator."""
+"""Tests for cm_jax.data: loading and validation of npz, image-folder, tfds and ArrayRecord
+splits (the order and the iterator are tests/test_input_pipeline.py)."""
 
 import hashlib
 import itertools
